@@ -1,0 +1,36 @@
+"""The pipeline's narrow view of a backend: load a model, generate from prepared inputs, nothing else.
+
+`torch_ocr/backend.py` and `mlx_ocr/backend.py` each provide `load_model(...) -> LoadedModel`.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from .generation import GeneratedToken, GenerationOptions, PromptInputs
+from .timing import Timings
+
+MODEL_KINDS = ("deepseek-ocr", "paddleocr-vl")
+
+
+class LoadedModel(Protocol):
+    kind: str     # "deepseek-ocr" | "paddleocr-vl"
+    backend: str  # "torch" | "mlx"
+    device: str   # "cpu" | "cuda" | "metal"
+    dtype: str    # "float32" | "bfloat16" | "float16"
+
+    def generate(
+        self,
+        inputs: PromptInputs,
+        options: GenerationOptions,
+        timings: Timings,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[GeneratedToken]:
+        """Encode images (timed as vision.compute_embeddings), prefill (decode.prefill), then decode one token per
+        step (decode.iterative) until a stop id, max_new_tokens or `cancel` is set. Stop ids are yielded too."""
+        ...
+
+
+class LoadModel(Protocol):
+    def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> LoadedModel: ...

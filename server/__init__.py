@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server (Sanic) over the shared pipeline."""

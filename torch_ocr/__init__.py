@@ -1,0 +1,1 @@
+"""PyTorch backend: DeepSeek-OCR and PaddleOCR-VL loaded from their original hub checkpoints."""

@@ -1,0 +1,108 @@
+"""Reading original hub checkpoints into modules: memory-mapped, one copy, strict in both directions.
+
+Modules are built on the `meta` device (no storage), tensors are read one at a time from the memory-mapped
+safetensors file, cast and moved, then assigned in place of the meta parameters: the weights are never held twice.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from common.errors import CheckpointError, ModelFilesError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def checkpoint_files(weights: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: a file, an index json, or a directory holding either."""
+    weights = Path(weights)
+    if weights.is_dir():
+        index = sorted(weights.glob("*.safetensors.index.json"))
+        if index:
+            weights = index[0]
+        else:
+            files = sorted(weights.glob("*.safetensors"))
+            if not files:
+                raise ModelFilesError(f"no .safetensors file in {weights}")
+            return files
+    if weights.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelFilesError(f"{weights}: unreadable safetensors index ({exc})") from None
+        return [weights.parent / s for s in shards]
+    if not weights.is_file():
+        raise ModelFilesError(f"weights file not found: {weights}")
+    return [weights]
+
+
+def read_safetensors(
+    files: Iterable[Path],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    skip: Callable[[str], bool] = lambda name: False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (original name, tensor) from memory-mapped files, floating tensors cast to `dtype` on `device`."""
+    for path in files:
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for a corrupt header
+            raise ModelFilesError(f"{path}: not a readable safetensors file ({exc})") from None
+        with handle as f:
+            for name in f.keys():
+                if skip(name):
+                    continue
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype=dtype)
+                yield name, tensor.to(device)
+
+
+def assign_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Assign `tensors` to the module's parameters and buffers by name; every one must match exactly.
+
+    Raises `CheckpointError` listing every missing key, unexpected key and shape mismatch by name.
+    Non-persistent buffers (computed, e.g. RoPE tables) are not expected in the checkpoint.
+    """
+    expected = dict(module.state_dict(keep_vars=True))
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tuple(expected[k].shape) != tuple(tensors[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
+        if mismatched:
+            parts.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
+        raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu. 'metal' is an MLX device and is refused here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from common.errors import UserError
+
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device", param="device")
+    if device == "metal":
+        from common.errors import UserError
+
+        raise UserError("--device metal needs the MLX backend (--backend mlx)", param="device")
+    return torch.device(device)
