@@ -1,0 +1,439 @@
+"""Settings shared by the CLI and the server: config.toml, command-line flags and per-request overrides.
+
+Precedence is command-line flag > config.toml > built-in default, and on the server a request's fields override
+the result for that request only (`InferenceSettings.with_overrides`). Every value, whatever its origin, is checked
+by the same rules (`RULES` and `check_value`), so a bad value reads the same way in all three places; only the
+prefix differs: the file and key for config.toml (`ConfigError`), the flag for the command line, the request field
+for the server (`UserError`).
+
+The user's config.toml is created with commented defaults when absent (`common/default_config.toml`) and is never
+written again: we read it, we do not reformat it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import platformdirs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 has no tomllib; tomli is the same parser, published separately
+    import tomli as tomllib
+
+from .errors import ConfigError, UnknownModelError, UserError
+from .registry import MODEL_IDS
+from .sampling import SamplingOptions
+
+APP = "deepseek-ocr"
+CONFIG_NAME = "config.toml"
+
+DEVICES = ("auto", "cpu", "cuda", "metal")
+BACKENDS = ("auto", "torch", "mlx")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TEMPLATES = ("plain",)                                 # the official inference code's template
+MODES = ("tiny", "small", "base", "large", "gundam")   # DeepSeek-OCR size presets
+TASKS = ("ocr", "table", "formula", "chart")           # PaddleOCR-VL prompt shortcuts
+
+# The vLLM recipe's repetition guard (see InferenceSettings.sampling).
+GUARD_NGRAM_SIZE = 30
+GUARD_WINDOW = 90
+
+
+# --------------------------------------------------------------------------------------------------- value rules
+@dataclass(frozen=True)
+class Rule:
+    """How one key is checked: its type, an extra test, and the words that tell the user what is allowed."""
+
+    kind: type                                   # bool, int, float or str
+    allowed: str
+    test: Callable[[Any], bool] = lambda value: True
+    optional: bool = False                       # may be left unset (None)
+
+
+def _choice(names: tuple[str, ...], optional: bool = False) -> Rule:
+    return Rule(str, " | ".join(names), lambda v: v in names, optional)
+
+
+def _int(low: int, high: int | None = None, optional: bool = False) -> Rule:
+    words = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    return Rule(int, words, lambda v: v >= low and (high is None or v <= high), optional)
+
+
+_BOOL = Rule(bool, "true | false")
+
+INFERENCE_RULES: dict[str, Rule] = {
+    "device": _choice(DEVICES),
+    "backend": _choice(BACKENDS),
+    "dtype": _choice(DTYPES),
+    "template": _choice(TEMPLATES),
+    "base_size": _int(16, 8192),
+    "image_size": _int(16, 8192),
+    "crop_mode": _BOOL,
+    "mode": _choice(MODES, optional=True),
+    "task": _choice(TASKS, optional=True),
+    "max_new_tokens": _int(1),
+    "use_cache": _BOOL,
+    "repetition_guard": _BOOL,
+    "do_sample": _BOOL,
+    "temperature": Rule(float, "a number >= 0", lambda v: v >= 0),
+    "top_p": Rule(float, "a number > 0 and <= 1", lambda v: 0 < v <= 1),
+    "top_k": _int(0),
+    "repetition_penalty": Rule(float, "a number > 0", lambda v: v > 0),
+    "no_repeat_ngram_size": _int(0),
+    "seed": _int(0, 2**63 - 1, optional=True),
+}
+
+SERVER_RULES: dict[str, Rule] = {
+    "host": Rule(str, "a host name or IP address", lambda v: v.strip() != ""),
+    "port": _int(0, 65535),
+    "api_key": Rule(str, "a non-empty string", lambda v: v != "", optional=True),
+    "allow_private_urls": _BOOL,
+    "max_request_bytes": _int(1),
+    "max_image_pixels": _int(1),
+    "queue_size": _int(1),
+    "max_resident_models": _int(1),
+    "image_fetch_timeout_s": Rule(float, "a number of seconds > 0", lambda v: v > 0),
+    "image_max_bytes": _int(1),
+}
+
+ENTRY_KEYS = ("config", "tokenizer", "weights", "model_dir")
+RULES: dict[str, dict[str, Rule]] = {"inference": INFERENCE_RULES, "server": SERVER_RULES}
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+class InvalidValue(ValueError):
+    """A value broke its rule; the message says what is allowed (callers add where the value came from)."""
+
+
+def check_value(section: str, key: str, value: Any, *, lenient: bool = False) -> Any:
+    """Return `value` checked (and converted) for `[section] key`, or raise `InvalidValue`.
+
+    `lenient` accepts the strings a command line or query gives ("true", "8", "0.5"); config.toml values must
+    already have the right TOML type. An integer is always accepted where a number is expected.
+    """
+    rule = RULES[section][key]
+    if value is None:
+        if rule.optional:
+            return None
+        raise InvalidValue(f"must be set (allowed: {rule.allowed})")
+    converted = _convert(rule.kind, value, lenient)
+    if converted is None or not rule.test(converted):
+        raise InvalidValue(f"{value!r} is not allowed (allowed: {rule.allowed})")
+    return converted
+
+
+def _convert(kind: type, value: Any, lenient: bool) -> Any:
+    """`value` as `kind`, or None when it cannot be (bool is never taken for a number, nor a number for a bool)."""
+    if isinstance(value, str) and kind is not str:
+        if not lenient:
+            return None
+        text = value.strip().lower()
+        if kind is bool:
+            return True if text in _TRUE else False if text in _FALSE else None
+        try:
+            return kind(text)
+        except ValueError:
+            return None
+    if kind is bool:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if kind is int:
+        if isinstance(value, float) and lenient and value.is_integer():
+            return int(value)
+        return value if isinstance(value, int) else None
+    if kind is float:
+        return float(value) if isinstance(value, (int, float)) else None
+    return value if isinstance(value, kind) else None
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The [inference] keys: how to run a model and how to sample. Defaults match the official inference code."""
+
+    device: str = "auto"
+    backend: str = "auto"
+    dtype: str = "auto"
+    template: str = "plain"
+    base_size: int = 1024
+    image_size: int = 640
+    crop_mode: bool = True
+    mode: str | None = None            # a DeepSeek-OCR preset replacing base_size/image_size/crop_mode
+    task: str | None = None            # a PaddleOCR-VL prompt shortcut
+    max_new_tokens: int = 512
+    use_cache: bool = True
+    repetition_guard: bool = False
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 20
+    seed: int | None = None
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> InferenceSettings:
+        """These settings with per-request values on top; None means "not given".
+
+        Raises `UserError` (param = the key) for an unknown key or a value its rule refuses.
+        """
+        changes = {}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if key not in INFERENCE_RULES:
+                raise UserError(f"unknown option {key!r} (known: {', '.join(INFERENCE_RULES)})", param=key)
+            try:
+                changes[key] = check_value("inference", key, value, lenient=True)
+            except InvalidValue as error:
+                raise UserError(f"{key}: {error}", param=key) from None
+        return dataclasses.replace(self, **changes)
+
+    def sampling(self) -> SamplingOptions:
+        """The sampling rules these settings ask for.
+
+        With `repetition_guard` the n-gram ban becomes the vLLM recipe's (size 30 over the last 90 tokens); the
+        ids it exempts (table cells) depend on the tokenizer, so the pipeline adds them with `dataclasses.replace`.
+        """
+        guard = self.repetition_guard
+        return SamplingOptions(
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            no_repeat_ngram_size=GUARD_NGRAM_SIZE if guard else self.no_repeat_ngram_size,
+            ngram_window=GUARD_WINDOW if guard else 0,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The [server] keys: where to listen and the limits that protect the server."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    allow_private_urls: bool = False
+    max_request_bytes: int = 50 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    queue_size: int = 16
+    max_resident_models: int = 1
+    image_fetch_timeout_s: float = 10.0
+    image_max_bytes: int = 20 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """Where one model's files are, when the user says so; all None means "download into the cache"."""
+
+    config: Path | None = None
+    tokenizer: Path | None = None
+    weights: Path | None = None
+    model_dir: Path | None = None
+
+    @property
+    def is_local(self) -> bool:
+        return any(getattr(self, key) is not None for key in ENTRY_KEYS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    active_model: str
+    models: dict[str, ModelEntry]      # one entry per registry id, always
+    inference: InferenceSettings
+    server: ServerSettings
+    config_path: Path
+
+    def entry(self, model_id: str | None = None) -> ModelEntry:
+        """The file locations of `model_id` (default: the active model); unknown ids raise UnknownModelError."""
+        model_id = model_id or self.active_model
+        if model_id not in self.models:
+            raise UnknownModelError(f"unknown model {model_id!r} (known: {', '.join(self.models)})")
+        return self.models[model_id]
+
+
+# --------------------------------------------------------------------------------------------------- loading
+FLAG_NAMES = (*INFERENCE_RULES, *SERVER_RULES, "model", *ENTRY_KEYS, "model_config")
+
+
+def default_config_path() -> Path:
+    """config.toml in the platform's per-user config folder (e.g. ~/.config/deepseek-ocr/config.toml)."""
+    return Path(platformdirs.user_config_dir(APP, appauthor=False, roaming=True)) / CONFIG_NAME
+
+
+def default_config_text() -> str:
+    """The commented defaults written on first run."""
+    return resources.files(__package__).joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}) -> Settings:
+    """Settings from built-in defaults, then config.toml, then `flags` (a value of None is "not given").
+
+    `config_path` None uses `default_config_path()`; a missing file is created with the commented defaults.
+    Flag names are the config keys (`max_new_tokens`, `port`, ...), plus `model` (the active model) and
+    `model_dir` / `config` (alias `model_config`) / `tokenizer` / `weights` for the active model's entry. A
+    `model_dir` flag replaces every path the file gives that model; the other path flags replace one path each.
+    Raises `ConfigError` for a bad file, `UserError` for a bad flag value, `UnknownModelError` for an unknown
+    model id, and `TypeError` for a flag name that is not one of `FLAG_NAMES` (a front-end bug, not the user's).
+    """
+    path = Path(config_path).expanduser() if config_path is not None else default_config_path()
+    _write_defaults_if_missing(path)
+    raw = _read_toml(path)
+    given = {key: value for key, value in flags.items() if value is not None}
+    unknown = sorted(set(given) - set(FLAG_NAMES))
+    if unknown:
+        raise TypeError(f"load_settings: unknown flag names {unknown} (known: {', '.join(FLAG_NAMES)})")
+
+    file_models = _parse_models(path, raw.get("models", {}))
+    active = file_models.pop("", None) or "deepseek-ocr"
+    if "model" in given:
+        active = str(given["model"])
+        if active not in MODEL_IDS:
+            raise UnknownModelError(f"--model: unknown model {active!r} (known: {', '.join(MODEL_IDS)})")
+    models = {model_id: file_models.get(model_id, ModelEntry()) for model_id in MODEL_IDS}
+    models[active] = _apply_path_flags(models[active], given)
+
+    sections = {}
+    for section, rules in RULES.items():
+        values = _parse_section(path, section, raw.get(section, {}))
+        for key in rules:
+            if key in given:
+                values[key] = _check_flag(section, key, given[key])
+        sections[section] = values
+    return Settings(
+        active_model=active,
+        models=models,
+        inference=InferenceSettings(**sections["inference"]),
+        server=ServerSettings(**sections["server"]),
+        config_path=path,
+    )
+
+
+def _write_defaults_if_missing(path: Path) -> None:
+    """Create `path` with the commented defaults; never replaces a file, even one created a moment ago."""
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written aside then linked into place: a reader never sees half a file, and link() refuses to overwrite.
+        # mkstemp makes it owner-only (0600), which suits a file that may hold the server's api_key.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".toml")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+                handle.write(default_config_text())
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot create the default config file ({error.strerror or error})") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def _unknown(path: Path, where: str, key: str, allowed: Any) -> ConfigError:
+    return ConfigError(f"{path}: unknown key {where}{key} (allowed: {', '.join(allowed)})")
+
+
+def _table(path: Path, where: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: {where} must be a table, like [{where.strip('[] ')}]")
+    return value
+
+
+def _parse_section(path: Path, section: str, raw: Any) -> dict[str, Any]:
+    """The keys of [inference] or [server] present in the file, each checked by its rule."""
+    rules = RULES[section]
+    values = {}
+    for key, value in _table(path, f"[{section}]", raw).items():
+        if key not in rules:
+            raise _unknown(path, f"[{section}] ", key, rules)
+        try:
+            values[key] = check_value(section, key, value)
+        except InvalidValue as error:
+            raise ConfigError(f"{path}: [{section}] {key}: {error}") from None
+    return values
+
+
+def _parse_models(path: Path, raw: Any) -> dict[str, Any]:
+    """{model_id: ModelEntry} from [models.entries.*], plus key "" holding [models] active when set."""
+    models = _table(path, "[models]", raw)
+    result: dict[str, Any] = {}
+    for key, value in models.items():
+        if key == "active":
+            if value not in MODEL_IDS:
+                raise ConfigError(
+                    f"{path}: [models] active: {value!r} is not a known model (allowed: {' | '.join(MODEL_IDS)})"
+                )
+            result[""] = value
+        elif key == "entries":
+            for model_id, entry in _table(path, "[models.entries]", value).items():
+                if model_id not in MODEL_IDS:
+                    raise ConfigError(
+                        f"{path}: [models.entries.{model_id}]: unknown model (allowed: {' | '.join(MODEL_IDS)})"
+                    )
+                result[model_id] = _parse_entry(path, model_id, entry)
+        else:
+            raise _unknown(path, "[models] ", key, ("active", "entries"))
+    return result
+
+
+def _parse_entry(path: Path, model_id: str, raw: Any) -> ModelEntry:
+    where = f"[models.entries.{model_id}]"
+    paths = {}
+    for key, value in _table(path, where, raw).items():
+        if key not in ENTRY_KEYS:
+            raise _unknown(path, f"{where} ", key, ENTRY_KEYS)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"{path}: {where} {key}: {value!r} is not allowed (allowed: a file or folder path)")
+        # Relative paths belong to the config file, not to wherever the program happens to be started.
+        paths[key] = path.parent / Path(value).expanduser()
+    return ModelEntry(**paths)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_flag(section: str, key: str, value: Any) -> Any:
+    try:
+        return check_value(section, key, value, lenient=True)
+    except InvalidValue as error:
+        raise UserError(f"{_flag(key)}: {error}", param=key) from None
+
+
+def _apply_path_flags(entry: ModelEntry, given: Mapping[str, Any]) -> ModelEntry:
+    """The active model's entry with the path flags on top (see `load_settings` for the rule)."""
+    flags = dict(given)
+    if "model_config" in flags:
+        flags.setdefault("config", flags.pop("model_config"))
+    paths = {}
+    for key in ENTRY_KEYS:
+        if key in flags:
+            text = str(flags[key])
+            if not text.strip():
+                raise UserError(f"{_flag('model_config' if key == 'config' else key)}: a path is required", param=key)
+            paths[key] = Path(text).expanduser().absolute()
+    if "model_dir" in paths:
+        return ModelEntry(**paths)
+    return dataclasses.replace(entry, **paths)
