@@ -30,6 +30,14 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+# IANA special-purpose ranges that are not globally reachable, listed so the answer does not depend on the
+# Python version (3.11's `is_global` still calls 192.0.0.8 and multicast global).
+_NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7",
+    "fe80::/10", "ff00::/8"))
 _ACCEPTED_TYPES = ("image/", "application/octet-stream")
 
 
@@ -61,7 +69,8 @@ def is_public_address(address: str | IPAddress) -> bool:
         for net in _NAT64:
             if ip in net:
                 return is_public_address(ipaddress.IPv4Address(ip.packed[-4:]))
-    # is_global alone is not enough: Python 3.11 calls multicast and 6to4 "global".
+    if any(ip in net for net in _NOT_GLOBAL if net.version == ip.version):
+        return False
     return bool(ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local
                                       or ip.is_reserved or ip.is_unspecified))
 
