@@ -28,6 +28,7 @@ else:  # Python 3.10 has no tomllib; tomli is the same parser, published separat
     import tomli as tomllib
 
 from .errors import ConfigError, UnknownModelError, UserError
+from .prompts import DEEPSEEK_TEMPLATES as TEMPLATES  # the templates the prompt renderer knows
 from .registry import MODEL_IDS
 from .sampling import SamplingOptions
 
@@ -37,7 +38,6 @@ CONFIG_NAME = "config.toml"
 DEVICES = ("auto", "cpu", "cuda", "metal")
 BACKENDS = ("auto", "torch", "mlx")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-TEMPLATES = ("plain",)                                 # the official inference code's template
 MODES = ("tiny", "small", "base", "large", "gundam")   # DeepSeek-OCR size presets
 TASKS = ("ocr", "table", "formula", "chart")           # PaddleOCR-VL prompt shortcuts
 
@@ -290,6 +290,9 @@ def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}
     path = Path(config_path).expanduser() if config_path is not None else default_config_path()
     _write_defaults_if_missing(path)
     raw = _read_toml(path)
+    for key in raw:
+        if key not in ("models", *RULES):
+            raise _unknown(path, "", key, ("models", *RULES))
     given = {key: value for key, value in flags.items() if value is not None}
     unknown = sorted(set(given) - set(FLAG_NAMES))
     if unknown:
