@@ -29,7 +29,9 @@ DEFAULT_PROMPTS: dict[str, str] = {
 
 #: DeepSeek-OCR conversation templates (official `conversation.py`, rendered as `format_messages` does with a
 #: user turn and an empty assistant turn, then `.strip()`). "plain" drops the roles: the prompt is the text.
-DEEPSEEK_TEMPLATES: tuple[str, ...] = ("plain", "deepseek")
+#: Both "deepseek" templates use the DeepSeek separator style; they differ only in the separator after the turn.
+DEEPSEEK_TEMPLATES: tuple[str, ...] = ("plain", "deepseek", "deepseekv2")
+_DEEPSEEK_SEPARATORS = {"deepseek": "\n\n", "deepseekv2": ""}
 
 TEXT_PART_TYPES = ("text", "input_text")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image", "file", "input_file")
@@ -135,24 +137,28 @@ def fold_messages(messages: Sequence[dict[str, Any]], images_for_part: ImagesFor
 def render_deepseek(prompt: str, template: str = "plain") -> str:
     """DeepSeek-OCR prompt text as the official `format_messages` builds it (placeholders kept for tokenizing).
 
-    "plain": the stripped prompt. "deepseek": `<|User|>: {prompt}\\n\\n<|Assistant|>:`.
+    "plain": the stripped prompt. "deepseek": `<|User|>: {prompt}\\n\\n<|Assistant|>:`; "deepseekv2": the same
+    without the blank line. The roles are those `infer()` puts in its conversation.
     """
     if template == "plain":
         return prompt.strip()
-    if template == "deepseek":
-        return f"<|User|>: {prompt.strip()}\n\n<|Assistant|>:"
+    if template in _DEEPSEEK_SEPARATORS:
+        return f"<|User|>: {prompt.strip()}{_DEEPSEEK_SEPARATORS[template]}<|Assistant|>:"
     raise UserError(f"unknown template {template!r}; choose one of {', '.join(DEEPSEEK_TEMPLATES)}",
                     param="template")
 
 
-def split_paddle_prompt(prompt: str) -> tuple[str, int]:
-    """(text without placeholders, image count): PaddleOCR-VL's template places every image before the text.
+def paddle_prompt_text(prompt: str) -> str:
+    """A PaddleOCR-VL prompt with its LEADING `<image>` placeholders removed, when those are all it has.
 
-    A placeholder takes one following newline with it, so `"<image>\\nOCR:"` and `"OCR:"` give the same text.
+    The checkpoint's template puts a turn's images before its text, so `"<image>\\nOCR:"` must render exactly
+    as the official `[image, "OCR:"]` turn does; each leading placeholder takes the whitespace after it. A prompt
+    with placeholders elsewhere is returned unchanged (the images are then spliced in where they stand).
     """
-    n_images = count_placeholders(prompt)
-    text = prompt.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "")
-    return text, n_images
+    text = prompt.lstrip()
+    while text.startswith(IMAGE_PLACEHOLDER):
+        text = text[len(IMAGE_PLACEHOLDER):].lstrip()
+    return text if IMAGE_PLACEHOLDER not in text else prompt
 
 
 def render_chat_template(template: str, text: str, n_images: int, **special_tokens: str) -> str:

@@ -9,7 +9,7 @@ from PIL import Image
 from common.errors import UserError
 from common.prompts import (
     DEFAULT_PROMPTS, FoldedPrompt, check_placeholders, fold_messages, render_chat_template, render_deepseek,
-    split_paddle_prompt,
+    paddle_prompt_text,
 )
 
 REFERENCE = Path(__file__).resolve().parents[1] / "data" / "reference"
@@ -105,14 +105,17 @@ def test_render_deepseek_templates() -> None:
     # Official format_messages strips the content and the whole prompt: a trailing space disappears.
     assert render_deepseek("<image>\nFree OCR. ", "plain") == "<image>\nFree OCR."
     assert render_deepseek(" hi ", "deepseek") == "<|User|>: hi\n\n<|Assistant|>:"
+    assert render_deepseek("hi", "deepseekv2") == "<|User|>: hi<|Assistant|>:"
     with pytest.raises(UserError, match="unknown template 'chatml'"):
         render_deepseek("x", "chatml")
 
 
-def test_split_paddle_prompt() -> None:
-    assert split_paddle_prompt("<image>\nOCR:") == ("OCR:", 1)
-    assert split_paddle_prompt("OCR:") == ("OCR:", 0)
-    assert split_paddle_prompt("<image><image>Table Recognition:") == ("Table Recognition:", 2)
+def test_paddle_prompt_text_drops_only_leading_placeholders() -> None:
+    assert paddle_prompt_text("<image>\nOCR:") == "OCR:"
+    assert paddle_prompt_text("OCR:") == "OCR:"
+    assert paddle_prompt_text("<image> <image>\nTable Recognition:") == "Table Recognition:"
+    assert paddle_prompt_text("Compare <image> with <image>") == "Compare <image> with <image>"
+    assert paddle_prompt_text("<image>\nfirst, then <image>") == "<image>\nfirst, then <image>"
 
 
 def test_paddle_chat_template_matches_rules() -> None:
