@@ -1,0 +1,138 @@
+"""Weight quantization for the MLX backend: at load time (`--quantize 4|8`) and as a converted snapshot.
+
+Only the decoder is quantized by default (attention and MLP linears, routed experts through `SwitchLinear`, the
+token embedding and the head); the vision towers and projectors stay in float unless asked, and so does the MoE
+router (a plain weight, not a Linear: routing decides which experts run at all). A layer whose input width is
+not a multiple of the group size stays in float too (tiny test models have such widths).
+
+A converted snapshot keeps the module names (the original ones, except routed experts, which are stored
+stacked as `...mlp.experts.{gate,up,down}_proj.*`) in MLX layout, and config.json gains
+`"quantization": {"bits": B, "group_size": G, "mode": "affine"}`. That key is the format marker: a loader that
+sees it skips `sanitize`, so no layout change is ever applied twice.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from common.errors import ConfigError, UserError
+
+MARKER_KEY = "quantization"
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+# Snapshot files copied as they are (tokenizer, templates, preprocessing); weights and config.json are rewritten.
+_SKIPPED_FILES = (".safetensors", ".safetensors.index.json", "config.json", ".complete")
+
+
+def read_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """config.json as a dict without the format marker, and the marker (None for an original checkpoint)."""
+    try:
+        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{config_path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{config_path}: not a readable JSON file ({exc})") from None
+    marker = raw.pop(MARKER_KEY, None) if isinstance(raw, dict) else None
+    if marker is not None:
+        _check(int(marker.get("bits", 0)), int(marker.get("group_size", 0)), source=str(config_path))
+    return raw, marker
+
+
+def _check(bits: int, group_size: int, source: str = "--quantize") -> None:
+    if bits not in BITS:
+        raise UserError(f"{source}: quantization bits must be 4 or 8, got {bits}", param="quantize")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"{source}: quantization group size must be 32, 64 or 128, got {group_size}",
+                        param="quantize")
+
+
+def _quantizable(path: str, module: nn.Module, prefixes: tuple[str, ...], group_size: int) -> bool:
+    if not hasattr(module, "to_quantized") or not path.startswith(prefixes):
+        return False
+    return module.weight.shape[-1] % group_size == 0
+
+
+def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, prefixes: tuple[str, ...]) -> list[str]:
+    """Quantize, in place, every Linear / Embedding / SwitchLinear under `prefixes`; returns their paths."""
+    _check(bits, group_size)
+    chosen: list[str] = []
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if _quantizable(path, module, prefixes, group_size):
+            chosen.append(path)
+            return True
+        return False
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return chosen
+
+
+def apply_marker(model: nn.Module, marker: dict[str, Any], weights: dict[str, mx.array]) -> None:
+    """Give a freshly built model the quantized structure a converted snapshot was saved with.
+
+    A module is quantized exactly when the snapshot holds its `scales`, so the structure follows the file.
+    """
+    nn.quantize(model, group_size=int(marker["group_size"]), bits=int(marker["bits"]),
+                class_predicate=lambda path, module: f"{path}.scales" in weights)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters (quantized weights, scales and biases included)."""
+    return sum(int(v.nbytes) for _, v in tree_flatten(model.parameters()))
+
+
+def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, *,
+            kind: str | None = None, dtype: str = "bfloat16") -> dict[str, int]:
+    """Write a pre-quantized snapshot of an original checkpoint directory; returns weight bytes before/after.
+
+    The output directory holds the other snapshot files unchanged, `model.safetensors` in MLX module layout
+    and config.json with the quantization marker. `kind` ("deepseek-ocr" | "paddleocr-vl") is read from
+    config.json's `model_type` when not given.
+    """
+    _check(bits, group_size)
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    raw, marker = read_config(model_dir / "config.json")
+    if marker is not None:
+        raise UserError(f"{model_dir} is already a quantized snapshot ({marker})")
+    module = _model_module(kind or _kind_of(raw, model_dir))
+    model = module.load(model_dir / "config.json", model_dir, dtype=dtype, device="cpu")
+    before = weight_bytes(model)
+    quantize_model(model, bits=bits, group_size=group_size, prefixes=module.QUANTIZE_PREFIXES)
+    after = weight_bytes(model)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        if path.is_file() and not path.name.endswith(_SKIPPED_FILES):
+            shutil.copy2(path, output_dir / path.name)
+    mx.save_safetensors(str(output_dir / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                        metadata={"format": "mlx"})
+    raw[MARKER_KEY] = {"bits": bits, "group_size": group_size, "mode": "affine"}
+    (output_dir / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"before": before, "after": after}
+
+
+def _kind_of(raw: dict[str, Any], model_dir: Path) -> str:
+    model_type = str(raw.get("model_type", ""))
+    if model_type in ("deepseek_vl_v2", "deepseek-ocr", "deepseekocr"):
+        return "deepseek-ocr"
+    if model_type.startswith("paddleocr_vl"):
+        return "paddleocr-vl"
+    raise UserError(f"{model_dir}/config.json: cannot tell the model from model_type {model_type!r}")
+
+
+def _model_module(kind: str):
+    # Imported here: the model modules import this one.
+    if kind == "deepseek-ocr":
+        from . import deepseek_ocr
+        return deepseek_ocr
+    if kind == "paddleocr-vl":
+        from . import paddleocr_vl
+        return paddleocr_vl
+    raise UserError(f"unknown model kind {kind!r} (deepseek-ocr or paddleocr-vl)")
