@@ -179,11 +179,11 @@ class Worker:
         if model is not None and model not in self.pipeline.loaded_models():
             self._loading = model  # cleared at the first event, i.e. once the load is done
         try:
+            # A cancelled job is not abandoned here: the pipeline sees the event between tokens and still ends
+            # with its Result, which carries the usage counts a stop string needs.
             for event in self.pipeline.stream(job.request, job.cancelled):
                 self._loading = None
                 job._post(event)
-                if job.cancelled.is_set():
-                    break  # leaving the loop closes the pipeline's generator, which frees its cache
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the request that caused it
             job._post(exc)
         finally:

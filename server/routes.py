@@ -1,0 +1,316 @@
+"""Route handlers: parse, fold the chat, queue the request, format the pipeline's events for the wire.
+
+Handlers never touch a model. Both APIs share one path (`_prepare` -> `_pieces`); they differ only in the
+objects they write (`formats.py`). A streamed answer waits for its first event before sending headers, so errors
+that happen before any text (a model that fails to load, a bad prompt) still get their proper HTTP status.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from PIL import Image
+from sanic import Request as HttpRequest, Sanic
+from sanic.response import HTTPResponse, json as json_response
+
+from common.errors import ImageError
+from common.generation import GeneratedToken
+from common.pipeline import Request, Result
+from common.prompts import FoldedPrompt, fold_messages
+from common.registry import MODEL_IDS, get_model
+
+from . import tasks
+from .errors import AuthError, RequestError, openai_error
+from .formats import ChatFormat, ResponsesFormat, Usage, sse_data
+from .schemas import CallSpec, parse_chat, parse_responses
+from .stops import StopFilter
+
+log = logging.getLogger("deepseek_ocr.server")
+
+#: Routes a load balancer or orchestrator probes without credentials.
+OPEN_PATHS = ("/health", "/health/ready", "/ready")
+_STAND_IN = Image.new("RGB", (1, 1))
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+    tokens: tuple[GeneratedToken, ...] = ()
+
+
+@dataclass(frozen=True)
+class Final:
+    finish_reason: str          # "stop" | "length"
+    usage: Usage
+
+
+Piece = TextPiece | Final
+
+
+# ------------------------------------------------------------------------------------------------ middleware
+async def start_request(request: HttpRequest) -> None:
+    """Give every request an id (logs, 500 bodies, `x-request-id`) and check the API key when one is set."""
+    request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    key = request.app.ctx.state.api_key
+    if key and request.path not in OPEN_PATHS:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        # compare_digest: the time taken must not reveal how much of a guessed key was right.
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise AuthError("incorrect API key")
+
+
+async def finish_request(request: HttpRequest, response: HTTPResponse) -> None:
+    rid = getattr(request.ctx, "request_id", None)
+    if rid and response is not None:
+        response.headers["x-request-id"] = rid
+
+
+async def handle_error(request: HttpRequest, exc: Exception) -> HTTPResponse:
+    """Every exception leaves as an OpenAI error object (see `errors.openai_error`)."""
+    rid = getattr(getattr(request, "ctx", None), "request_id", None) or uuid.uuid4().hex[:16]
+    status, body, headers = openai_error(exc, rid)
+    headers["x-request-id"] = rid
+    if status == 500:
+        headers["x-should-retry"] = "false"  # an internal fault does not heal by retrying the same request
+    return json_response(body, status=status, headers=headers)
+
+
+# ------------------------------------------------------------------------------------------------ plain routes
+async def health(request: HttpRequest) -> HTTPResponse:
+    """Liveness: the event loop answers. No key, no model."""
+    return json_response({"status": "ok"})
+
+
+async def ready(request: HttpRequest) -> HTTPResponse:
+    """Readiness: the worker thread is alive and not loading a model; lists the models in memory."""
+    status = request.app.ctx.state.scheduler.status()
+    is_ready = bool(status.get("worker_alive", True)) and status.get("loading") is None
+    body = {"status": "ready" if is_ready else "loading", "available_models": list(MODEL_IDS), **status}
+    return json_response(body, status=200 if is_ready else 503)
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+
+
+async def list_models(request: HttpRequest) -> HTTPResponse:
+    return json_response({"object": "list", "data": [_model_object(m) for m in MODEL_IDS]})
+
+
+async def retrieve_model(request: HttpRequest, model_id: str) -> HTTPResponse:
+    get_model(model_id)  # UnknownModelError -> 404
+    return json_response(_model_object(model_id))
+
+
+# ------------------------------------------------------------------------------------------------ shared path
+def _body(request: HttpRequest) -> Any:
+    """The parsed JSON body; Sanic raises BadRequest (-> 400) for malformed JSON."""
+    if not request.body:
+        raise RequestError("the request body is empty; send a JSON object")
+    return request.json
+
+
+def _part_url(part: dict[str, Any]) -> str:
+    """The URL (http(s) or data:) an image-like content part points at."""
+    kind = part.get("type")
+    if kind == "image_url":
+        image = part.get("image_url")
+        return image.get("url") if isinstance(image, dict) else image
+    if kind in ("file", "input_file"):
+        source = part.get("file") if kind == "file" else part
+        source = source if isinstance(source, dict) else {}
+        return source.get("file_data") or source.get("file_url") or ""
+    value = part.get("image_url") or part.get("image") or part.get("url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str):
+        raise ImageError(f"a '{kind}' part needs an image URL", param="messages")
+    return value
+
+
+async def fold(messages: list[dict[str, Any]], load: Callable[[str], Any]) -> FoldedPrompt:
+    """`fold_messages` with images loaded asynchronously: fold once with stand-ins (which validates the turn
+    and collects its image parts, in order), then load those images. Each part is one image, so the prompt
+    text of the stand-in fold is the final one."""
+    parts: list[dict[str, Any]] = []
+
+    def collect(part: dict[str, Any]) -> Image.Image:
+        parts.append(part)
+        return _STAND_IN
+
+    folded = fold_messages(messages, collect)
+    images = [await load(_part_url(part)) for part in parts]
+    return FoldedPrompt(folded.prompt, images)
+
+
+async def _prepare(request: HttpRequest, spec: CallSpec) -> AsyncIterator[Piece]:
+    """Validate against the settings, fold, then queue; returns the answer's pieces (not yet started)."""
+    state = request.app.ctx.state
+    get_model(spec.model)
+    state.check_overrides(spec)
+    folded = await fold(spec.messages, state.loader.load)
+    if tasks.is_task_request(folded.prompt, len(folded.images)):
+        log.info("request %s: Open WebUI task prompt answered without the model", request.ctx.request_id)
+        return _canned(tasks.answer_task(folded.prompt))
+    job = state.scheduler.submit(Request(prompt=folded.prompt, images=folded.images, model=spec.model,
+                                         overrides=spec.overrides()))
+    return _pieces(job, spec.stop)
+
+
+async def _canned(text: str) -> AsyncIterator[Piece]:
+    yield TextPiece(text)
+    yield Final("stop", Usage(0, 0))
+
+
+async def _pieces(job: Any, stops: tuple[str, ...]) -> AsyncIterator[Piece]:
+    """The job's events as text pieces (stop strings cut out) and one `Final`; cancels the job if abandoned."""
+    stop = StopFilter(list(stops))
+    result: Result | None = None
+    try:
+        async for event in job:
+            if isinstance(event, Result):
+                result = event
+                continue
+            text = stop.feed(event.text)
+            if stop.matched:
+                job.cancel()  # no more text is wanted; keep reading for the Result (usage counts)
+                if text:
+                    yield TextPiece(text, event.tokens)
+                continue
+            if text or event.tokens:
+                yield TextPiece(text, event.tokens)
+    finally:
+        if not job.done:
+            job.cancel()  # the client went away (CancelledError) or the consumer stopped early
+    tail = stop.flush()
+    if tail:
+        yield TextPiece(tail)
+    if result is None:
+        raise RuntimeError("the pipeline ended without a Result")
+    finish = "length" if result.finish_reason == "length" and not stop.matched else "stop"
+    yield Final(finish, Usage(result.prompt_tokens, result.completion_tokens))
+
+
+def _logprob_entries(tokens: tuple[GeneratedToken, ...], decode: Callable[[int], str], top_n: int
+                     ) -> list[dict[str, Any]]:
+    """Chat `logprobs.content[]` entries: token text, logprob, UTF-8 bytes, and the top alternatives."""
+    def entry(token_id: int, logprob: float | None) -> dict[str, Any]:
+        text = decode(token_id)
+        return {"token": text, "logprob": logprob if logprob is not None else 0.0,
+                "bytes": list(text.encode("utf-8"))}
+    return [entry(t.token_id, t.logprob) | {"top_logprobs": [entry(a.token_id, a.logprob)
+                                                             for a in t.top_logprobs[:top_n]]}
+            for t in tokens]
+
+
+# ------------------------------------------------------------------------------------------------ chat
+async def chat_completions(request: HttpRequest) -> HTTPResponse | None:
+    spec = parse_chat(_body(request))
+    pieces = await _prepare(request, spec)
+    fmt = ChatFormat(spec.model, include_usage=spec.include_usage)
+    decode = request.app.ctx.state.token_decoder(spec.model) if spec.logprobs else None
+
+    def logprobs(piece: TextPiece) -> list[dict[str, Any]] | None:
+        return _logprob_entries(piece.tokens, decode, spec.top_logprobs) if decode else None
+
+    if not spec.stream:
+        texts: list[str] = []
+        entries: list[dict[str, Any]] = []
+        async for piece in pieces:
+            if isinstance(piece, Final):
+                return json_response(fmt.completion("".join(texts), piece.finish_reason, piece.usage,
+                                                    entries if decode else None))
+            texts.append(piece.text)
+            entries.extend(logprobs(piece) or [])
+        raise RuntimeError("the answer ended without a final piece")
+
+    first = await pieces.__anext__()  # errors before any text keep their HTTP status
+    response = await request.respond(content_type="text/event-stream", headers=_SSE_HEADERS)
+    await response.send(sse_data(fmt.chunk({"role": "assistant", "content": ""})))
+    try:
+        piece: Piece = first
+        while not isinstance(piece, Final):
+            await response.send(sse_data(fmt.chunk({"content": piece.text}, logprobs=logprobs(piece))))
+            piece = await pieces.__anext__()
+        await response.send(sse_data(fmt.chunk({}, finish_reason=piece.finish_reason)))
+        if spec.include_usage:
+            await response.send(sse_data(fmt.usage_chunk(piece.usage)))
+        await response.send(sse_data("[DONE]"))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # headers are out: report in-band, as the SDK and Open WebUI expect
+        _, body, _ = openai_error(exc, request.ctx.request_id)
+        await response.send(sse_data(body))
+    finally:
+        await pieces.aclose()
+    await response.eof()
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ responses
+async def responses(request: HttpRequest) -> HTTPResponse | None:
+    spec = parse_responses(_body(request))
+    pieces = await _prepare(request, spec)
+    fmt = ResponsesFormat(spec.model, instructions=spec.instructions, max_output_tokens=spec.max_tokens,
+                          temperature=spec.temperature, top_p=spec.top_p,
+                          metadata=spec.extras.get("metadata") or {})
+
+    if not spec.stream:
+        texts: list[str] = []
+        async for piece in pieces:
+            if isinstance(piece, Final):
+                status = "incomplete" if piece.finish_reason == "length" else "completed"
+                return json_response(fmt.response(status, "".join(texts), piece.usage))
+            texts.append(piece.text)
+        raise RuntimeError("the answer ended without a final piece")
+
+    first = await pieces.__anext__()
+    response = await request.respond(content_type="text/event-stream", headers=_SSE_HEADERS)
+    texts = []
+    try:
+        for frame in fmt.opening_events():
+            await response.send(frame)
+        piece = first
+        while not isinstance(piece, Final):
+            if piece.text:
+                texts.append(piece.text)
+                await response.send(fmt.delta_event(piece.text))
+            piece = await pieces.__anext__()
+        status = "incomplete" if piece.finish_reason == "length" else "completed"
+        for frame in fmt.closing_events("".join(texts), status, piece.usage):
+            await response.send(frame)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        _, body, _ = openai_error(exc, request.ctx.request_id)
+        await response.send(fmt.failed_event(body["error"]))
+    finally:
+        await pieces.aclose()
+    await response.eof()
+    return None
+
+
+def register(app: Sanic) -> None:
+    """Attach routes, middleware and the one error handler to `app`."""
+    from sanic.exceptions import MethodNotAllowed, NotFound
+
+    app.add_route(health, "/health", methods=["GET"])
+    app.add_route(ready, "/health/ready", methods=["GET"], name="health_ready")
+    app.add_route(ready, "/ready", methods=["GET"], name="ready")
+    app.add_route(list_models, "/v1/models", methods=["GET"])
+    app.add_route(retrieve_model, "/v1/models/<model_id:str>", methods=["GET"])
+    app.add_route(chat_completions, "/v1/chat/completions", methods=["POST"])
+    app.add_route(responses, "/v1/responses", methods=["POST"])
+    app.register_middleware(start_request, "request")
+    app.register_middleware(finish_request, "response")
+    # MethodNotAllowed is listed on its own: a handler for Exception alone does not receive it.
+    app.error_handler.add(MethodNotAllowed, handle_error)
+    app.error_handler.add(NotFound, handle_error)
+    app.error_handler.add(Exception, handle_error)
