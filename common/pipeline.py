@@ -5,16 +5,49 @@ CONTRACT (types below are fixed; the `Pipeline` implementation fills in the rest
   id, per-call overrides) and iterate `Pipeline.stream(request, cancel)`: zero or more `TextDelta`, then exactly
   one `Result`. `Pipeline.run(request)` collects the same into a `Result`.
 - Errors a user can fix raise `common.errors.UserError` subclasses; anything else is internal.
+
+Token accounting (as OpenAI and vLLM count usage): `completion_tokens` counts every id the model generated,
+the stop id included, so it never exceeds `max_new_tokens` (which counts the stop id too, as the official
+`generate` does). `token_ids` and `text` exclude a stop id that ended the answer; `logprobs`, when asked for,
+has one entry per generated id, the stop id's last. With `ignore_eos` nothing is a stop id: every id is kept.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import importlib.util
+import json
+import logging
+import platform
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from .generation import GeneratedToken
+from . import deepseek_ocr, paddleocr_vl
+from .backend import LoadedModel, LoadModel
+from .errors import ModelFilesError, UserError
+from .generation import GeneratedToken, GenerationOptions
+from .prompts import paddle_prompt_text, render_deepseek
+from .registry import get_model
+from .sampling import SamplingOptions
+from .timing import Timings
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+#: Per-request keys that are not config.toml settings (the rest go through `InferenceSettings.with_overrides`).
+REQUEST_ONLY_KEYS = ("ignore_eos", "logprobs")
+#: Settings fixed when a model is loaded; a request cannot change them.
+LOAD_KEYS = ("backend", "device", "dtype")
+#: Ids the vLLM recipe's repetition guard never bans: table cells legitimately repeat.
+GUARD_EXEMPT_TOKENS = ("<td>", "</td>")
+#: pip extras that provide each backend's framework.
+BACKEND_PACKAGES = {"torch": ("torch", "torch"), "mlx": ("mlx", "mlx")}
 
 
 @dataclass
@@ -44,11 +77,284 @@ class Result:
     dtype: str
     timings_ms: dict[str, float]
     logprobs: list[GeneratedToken] | None = None       # one per generated token when asked for
+    timing_calls: dict[str, int] = field(default_factory=dict)  # how often each stage ran (for averages)
 
 
-class Pipeline:  # implemented below by the pipeline module's owner
+@dataclass
+class _Resident:
+    """A loaded model with everything the pipeline needs beside it."""
+
+    model_id: str
+    model: LoadedModel
+    tokenizer: Tokenizer
+    stop_ids: tuple[int, ...]
+    guard_exempt_ids: tuple[int, ...]
+    generation_config: dict[str, Any]
+    chat_template: str | None = None                   # PaddleOCR-VL only
+    preprocessor: dict[str, Any] = field(default_factory=dict)
+
+
+class _TimedEncoder:
+    """Tokenizer proxy that books `encode` calls as prompt.build_tokens (the model modules tokenize inside their
+    `build_inputs`, together with the image preprocessing that is booked as vision.prepare_inputs)."""
+
+    def __init__(self, tokenizer: Tokenizer, timings: Timings) -> None:
+        self._tokenizer, self._timings, self.elapsed_ms = tokenizer, timings, 0.0
+
+    def encode(self, text: str) -> list[int]:
+        start = time.perf_counter()
+        try:
+            return self._tokenizer.encode(text)
+        finally:
+            self.elapsed_ms += (time.perf_counter() - start) * 1000.0
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFilesError(f"cannot read {Path(path).name}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelFilesError(f"{Path(path).name} is not a JSON object")
+    return data
+
+
+def _eos_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, ...]:
+    """Stop ids: generation_config.json's eos_token_id (an int or a list) and the tokenizer's EOS."""
+    eos = generation_config.get("eos_token_id")
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    return tuple(sorted(int(i) for i in ids))
+
+
+def _on_apple_silicon() -> bool:
+    return platform.system() == "Darwin" and platform.machine() == "arm64"
+
+
+def _mlx_has_metal() -> bool:
+    if importlib.util.find_spec("mlx") is None:
+        return False
+    try:
+        import mlx.core as mx  # noqa: PLC0415 - only on Apple Silicon, and only to ask about Metal
+        return bool(mx.metal.is_available())
+    except Exception:  # noqa: BLE001 - a broken MLX install just means "not MLX"
+        return False
+
+
+def choose_backend(name: str) -> str:
+    """'auto' -> MLX on Apple Silicon with Metal, PyTorch elsewhere; 'torch'/'mlx' as given."""
+    if name == "auto":
+        return "mlx" if _on_apple_silicon() and _mlx_has_metal() else "torch"
+    if name not in BACKEND_PACKAGES:
+        raise UserError(f"unknown backend {name!r}; choose auto, torch or mlx", param="backend")
+    return name
+
+
+def backend_loader(name: str) -> LoadModel:
+    """The `load_model` of backend `name`; a backend whose framework is not installed is a `UserError`."""
+    package, extra = BACKEND_PACKAGES[name]
+    if importlib.util.find_spec(package) is None:
+        raise UserError(f"the {name} backend needs the '{package}' package, which is not installed; "
+                        f"install it with: pip install 'deepseek-ocr[{extra}]'", param="backend")
+    return importlib.import_module(f"{name}_ocr.backend").load_model
+
+
+class Pipeline:
+    """Loads models on first use (at most `max_resident` at once, least recently used dropped first) and turns
+    requests into streams of text. Thread-safe; the server still calls it from one worker thread, as MLX wants.
+
+    `load_model` replaces the backend (tests, embedding); by default the backend is chosen once, from
+    `settings.inference.backend`, when the first model loads.
+    """
+
+    def __init__(self, settings: Any, *, max_resident: int | None = None,
+                 load_model: LoadModel | None = None) -> None:
+        self.settings = settings
+        self.max_resident = max_resident if max_resident is not None else settings.server.max_resident_models
+        if self.max_resident < 1:
+            raise UserError(f"max_resident must be >= 1, got {self.max_resident}")
+        self._load_model = load_model
+        self._models: OrderedDict[str, _Resident] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------------------------------- models
+    def loaded_models(self) -> list[str]:
+        """Ids of the resident models, least recently used first."""
+        with self._lock:
+            return list(self._models)
+
+    def load(self, model_id: str | None = None) -> LoadedModel:
+        """The model `model_id` (default: the active one), loading it if needed; returns the backend's model."""
+        return self._resident(model_id or self.settings.active_model).model
+
+    def tokenizer(self, model_id: str | None = None) -> Tokenizer:
+        """The tokenizer of `model_id` (default: the active model), loading the model if needed (the server
+        decodes logprob ids with it)."""
+        return self._resident(model_id or self.settings.active_model).tokenizer
+
+    def _resident(self, model_id: str) -> _Resident:
+        with self._lock:
+            if model_id in self._models:
+                self._models.move_to_end(model_id)
+                return self._models[model_id]
+            get_model(model_id)  # unknown ids fail before anything is dropped
+            while len(self._models) >= self.max_resident:
+                dropped, _ = self._models.popitem(last=False)
+                log.info("unloading %s (at most %d resident)", dropped, self.max_resident)
+            resident = self._load_resident(model_id)
+            self._models[model_id] = resident
+            return resident
+
+    def _load_resident(self, model_id: str) -> _Resident:
+        from .assets import resolve_model_files  # noqa: PLC0415 - downloads happen only when a model is loaded
+
+        files = resolve_model_files(model_id, self.settings.entry(model_id))
+        tokenizer = Tokenizer.from_files(files.tokenizer, files.tokenizer_config)
+        inference = self.settings.inference
+        if self._load_model is None:
+            self._load_model = backend_loader(choose_backend(inference.backend))
+        started = time.perf_counter()
+        model = self._load_model(model_id, Path(files.config), Path(files.weights),
+                                 dtype=inference.dtype, device=inference.device)
+        log.info("loaded %s on %s/%s/%s in %.1f s", model_id, model.backend, model.device, model.dtype,
+                 time.perf_counter() - started)
+        generation_config = _read_json(files.generation_config)
+        resident = _Resident(
+            model_id=model_id, model=model, tokenizer=tokenizer,
+            stop_ids=_eos_ids(generation_config, tokenizer),
+            guard_exempt_ids=tuple(i for t in GUARD_EXEMPT_TOKENS if (i := tokenizer.token_to_id(t)) is not None),
+            generation_config=generation_config)
+        if not resident.stop_ids:
+            log.warning("%s: no EOS id in the tokenizer or generation_config.json; answers end at the cap", model_id)
+        if model_id == "paddleocr-vl":
+            resident.chat_template = (Path(files.chat_template).read_text(encoding="utf-8") if files.chat_template
+                                      else paddleocr_vl.load_chat_template(Path(files.config).parent))
+            resident.preprocessor = _read_json(files.preprocessor_config)
+        return resident
+
+    # ------------------------------------------------------------------------------------------- requests
+    def _options(self, resident: _Resident, overrides: dict[str, Any]) -> tuple[Any, GenerationOptions]:
+        """(inference settings for this request, generation options), overrides checked by the config rules."""
+        overrides = dict(overrides)
+        extra = {key: overrides.pop(key) for key in REQUEST_ONLY_KEYS if key in overrides}
+        for key in LOAD_KEYS:
+            value = overrides.pop(key, None)
+            if value is not None and value != getattr(self.settings.inference, key):
+                raise UserError(f"{key} is fixed when the model loads ({getattr(self.settings.inference, key)!r}); "
+                                "it cannot change per request", param=key)
+        inference = self.settings.inference.with_overrides(overrides)
+        logprobs = extra.get("logprobs") or 0
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+            raise UserError(f"logprobs must be an integer >= 0, got {logprobs!r}", param="logprobs")
+        ignore_eos = extra.get("ignore_eos") or False
+        if not isinstance(ignore_eos, bool):
+            raise UserError(f"ignore_eos must be true or false, got {ignore_eos!r}", param="ignore_eos")
+        sampling = self._sampling(resident, inference)
+        options = GenerationOptions(max_new_tokens=inference.max_new_tokens, ignore_eos=ignore_eos,
+                                    use_cache=inference.use_cache, logprobs=logprobs,
+                                    stop_token_ids=resident.stop_ids, sampling=sampling)
+        return inference, options
+
+    def _sampling(self, resident: _Resident, inference: Any) -> SamplingOptions:
+        sampling = inference.sampling()
+        if resident.model_id == "paddleocr-vl":
+            # The built-in defaults are DeepSeek-OCR's (no-repeat 20-gram); where a value is still the built-in
+            # default, PaddleOCR-VL's own generation defaults (plain greedy) apply instead.
+            builtin = type(inference)().sampling()
+            model = paddleocr_vl.generation_defaults(resident.generation_config).sampling
+            sampling = dataclasses.replace(sampling, **{
+                f.name: getattr(model, f.name) for f in dataclasses.fields(SamplingOptions)
+                if getattr(sampling, f.name) == getattr(builtin, f.name)})
+        if inference.repetition_guard:
+            sampling = dataclasses.replace(sampling, ngram_exempt_ids=resident.guard_exempt_ids)
+        return sampling
+
+    def _build_inputs(self, resident: _Resident, request: Request, inference: Any, timings: Timings) -> Any:
+        """Render the prompt and build the model's inputs, booking the three preparation stages."""
+        encoder = _TimedEncoder(resident.tokenizer, timings)
+        if resident.model_id == "deepseek-ocr":
+            base_size, image_size, crop_mode = (deepseek_ocr.MODES[inference.mode] if inference.mode else
+                                                (inference.base_size, inference.image_size, inference.crop_mode))
+            with timings.measure("prompt.render"):
+                prompt = render_deepseek(request.prompt, inference.template)
+            start = time.perf_counter()
+            inputs = deepseek_ocr.build_inputs(prompt, request.images, encoder, base_size=base_size,
+                                               image_size=image_size, crop_mode=crop_mode)
+        else:
+            with timings.measure("prompt.render"):
+                prompt = paddle_prompt_text(request.prompt)
+                if inference.task:
+                    prompt = _with_task(prompt, paddleocr_vl.task_prompt(inference.task))
+            start = time.perf_counter()
+            inputs = paddleocr_vl.build_inputs(prompt, request.images, encoder, resident.chat_template or "",
+                                               resident.preprocessor)
+        total_ms = (time.perf_counter() - start) * 1000.0
+        timings.add("prompt.build_tokens", encoder.elapsed_ms)
+        timings.add("vision.prepare_inputs", total_ms - encoder.elapsed_ms)
+        return inputs
+
     def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[TextDelta | Result]:
-        raise NotImplementedError
+        """Generate for `request`: `TextDelta`s as text becomes complete (never half a UTF-8 character), then one
+        `Result`. `cancel` is checked between tokens (finish_reason "cancelled"). Raises `UserError` for bad
+        options, prompts or images, before anything is yielded."""
+        resident = self._resident(request.model or self.settings.active_model)
+        inference, options = self._options(resident, request.overrides)
+        timings = Timings()
+        inputs = self._build_inputs(resident, request, inference, timings)
+        decoder = resident.tokenizer.incremental_decoder()
+        stops = () if options.ignore_eos else options.stop_token_ids
+        generated: list[GeneratedToken] = []
+        kept: list[int] = []
+        finish = "length"
+        tokens = iter(resident.model.generate(inputs, options, timings, cancel))
+        try:
+            while len(generated) < options.max_new_tokens:
+                token = next(tokens, None)  # the backend books decode.* and vision.compute_embeddings
+                if token is None:
+                    break
+                generated.append(token)
+                if token.token_id in stops:
+                    finish = "stop"
+                    break
+                kept.append(token.token_id)
+                piece = decoder.feed(token.token_id)
+                if piece or options.logprobs:
+                    yield TextDelta(piece, (token,))
+                if cancel is not None and cancel.is_set():
+                    break
+        finally:
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()  # frees the backend's cache now, not whenever the generator is collected
+        if cancel is not None and cancel.is_set() and finish != "stop":
+            finish = "cancelled"
+        tail = decoder.flush()
+        if tail:
+            yield TextDelta(tail)
+        model = resident.model
+        yield Result(
+            text=resident.tokenizer.decode(kept), token_ids=kept, prompt_tokens=int(len(inputs.input_ids)),
+            completion_tokens=len(generated), finish_reason=finish, model=resident.model_id,
+            backend=model.backend, device=model.device, dtype=model.dtype, timings_ms=timings.as_dict(),
+            logprobs=generated if options.logprobs else None, timing_calls=dict(timings.counts))
 
-    def run(self, request: Request) -> Result:
-        raise NotImplementedError
+    def run(self, request: Request, cancel: threading.Event | None = None) -> Result:
+        """`stream` collected: the final `Result`."""
+        result = None
+        for event in self.stream(request, cancel):
+            if isinstance(event, Result):
+                result = event
+        assert result is not None  # stream always ends with a Result
+        return result
+
+
+def _with_task(prompt: str, task_text: str) -> str:
+    """A PaddleOCR-VL task replaces the prompt's text (its leading placeholders are already gone: the template
+    puts images first). Placeholders inside the text cannot be kept around a replaced text."""
+    if "<image>" in prompt:
+        raise UserError("a task replaces the prompt text; with a task, put <image> placeholders only at the "
+                        "start of the prompt", param="task")
+    return task_text

@@ -1,0 +1,401 @@
+"""`deepseek-ocr-cli`: OCR from a shell. A thin front end: parse flags, open images, drive the pipeline, print.
+
+Fire dispatches one function with explicit parameters (`ocr`). In front of Fire, `main` normalises the command
+line so that it behaves like an ordinary CLI: `--image` may repeat, values stay the strings the user typed (Fire
+would turn `--prompt 2024` into an int and `--prompt True` into a bool), unknown options and `--help` are
+handled here, and every user mistake ends in ONE line on stderr with exit status 2 (internal faults: exit 1, with
+the traceback only when DEEPSEEK_OCR_DEBUG=1). Values are then checked by the config rules, so a bad flag reads
+the same as a bad config.toml key.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+HELP = """\
+deepseek-ocr-cli: read text from document images with DeepSeek-OCR or PaddleOCR-VL, locally.
+
+Usage:
+  deepseek-ocr-cli --image PAGE [--prompt TEXT] [options]
+
+Examples:
+  deepseek-ocr-cli --image page.png
+      Markdown of the page with layout boxes (the default DeepSeek-OCR prompt,
+      "<image>\\n<|grounding|>Convert the document to markdown.").
+  deepseek-ocr-cli --image page.png --prompt "<image>\\nFree OCR."
+      Plain text, no layout boxes.
+  deepseek-ocr-cli --image a.png --image b.png --prompt "<image> <image>\\nCompare the two pages."
+      One --image per <image> placeholder, in order.
+  deepseek-ocr-cli --image page.png --prompt "<image>\\nLocate <|ref|>the total<|/ref|> in the image."
+  deepseek-ocr-cli --model paddleocr-vl --image table.png --task table
+  deepseek-ocr-cli --prompt "What is OCR?"                      (text only)
+  deepseek-ocr-cli --image page.png --format json --logprobs 5 --max-new-tokens 64
+  deepseek-ocr-cli --image page.png --bench --ignore-eos --max-new-tokens 256
+
+Input:
+  --image PATH|URL      an image file or an http(s) URL; repeat once per <image> placeholder, in order
+  --prompt TEXT         the prompt; <image> marks where each image goes; "\\n" is a newline
+  --prompt-file PATH    read the prompt from a file (verbatim)
+                        Default prompt with images: DeepSeek-OCR "<image>\\n<|grounding|>Convert the document to
+                        markdown.", PaddleOCR-VL "OCR:".
+
+Model and files:
+  --model ID            deepseek-ocr (default) or paddleocr-vl
+  --model-dir DIR       a local snapshot folder (config.json, tokenizer.json, *.safetensors)
+  --model-config PATH   the model's config.json   --tokenizer PATH   tokenizer.json   --weights PATH   .safetensors
+  --config PATH         settings file (default: the per-user config.toml, created with comments on first run)
+  --backend B           auto (MLX on Apple Silicon, PyTorch elsewhere) | torch | mlx
+  --device D            auto | cpu | cuda | metal
+  --dtype T             auto | float32 | bfloat16 | float16
+
+DeepSeek-OCR:
+  --mode M              tiny | small | base | large | gundam: a preset of the three sizes below
+  --base-size N         global view size (1024)       --image-size N   tile size (640)
+  --crop-mode B         true: tile large pages (default); false: one view only
+  --template T          plain (official, default) | deepseek | deepseekv2
+  --repetition-guard B  vLLM recipe's guard: no repeated 30-gram within 90 tokens, table cells exempt
+
+PaddleOCR-VL:
+  --task T              ocr | table | formula | chart (replaces the prompt text)
+
+Generation:
+  --max-new-tokens N    cap on generated tokens, end-of-text included (512)
+  --use-cache B         false recomputes the whole sequence per token (slow; for checks)
+  --do-sample B         false: greedy (official); true: sample with the options below
+  --temperature X  --top-p X  --top-k N  --repetition-penalty X  --seed N
+  --no-repeat-ngram-size N   ban repeating any N-gram (DeepSeek-OCR default 20; 0 = off)
+  --ignore-eos          keep generating past end-of-text, up to --max-new-tokens (benchmarks)
+
+Output:
+  --format F            text (default): the answer streams to stdout, statistics go to stderr
+                        json: one JSON object (text, token_ids, usage, timings_ms, ...) on stdout
+  --logprobs N          with --format json: the N most likely tokens per generated token (raw log-probabilities)
+  --clean               strip grounding boxes: print clean Markdown (json: adds "markdown" and "grounding")
+  --bench               after the answer, print per-stage timings and tokens/s to stderr
+
+Booleans accept true/false (also yes/no, 1/0); a bare flag means true. Options use dashes; underscores work too.
+Errors print one line and exit with status 2 (your input) or 1 (internal; DEEPSEEK_OCR_DEBUG=1 shows the trace).
+"""
+
+EXIT_USER, EXIT_INTERNAL = 2, 1
+DEBUG_ENV = "DEEPSEEK_OCR_DEBUG"
+#: A URL --image is fetched with this total deadline and size cap (as the server's defaults).
+URL_TIMEOUT_S = 20.0
+URL_MAX_BYTES = 20 * 1024 * 1024
+
+log = logging.getLogger("deepseek_ocr.cli")
+
+
+def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequence[str] = (),
+        model: str | None = None, model_dir: str | None = None, model_config: str | None = None,
+        tokenizer: str | None = None, weights: str | None = None, config: str | None = None,
+        backend: str | None = None, device: str | None = None, dtype: str | None = None,
+        template: str | None = None, base_size: str | None = None, image_size: str | None = None,
+        crop_mode: str | None = None, mode: str | None = None, task: str | None = None,
+        max_new_tokens: str | None = None, use_cache: str | None = None, do_sample: str | None = None,
+        temperature: str | None = None, top_p: str | None = None, top_k: str | None = None,
+        repetition_penalty: str | None = None, no_repeat_ngram_size: str | None = None,
+        seed: str | None = None, repetition_guard: str | None = None, ignore_eos: str | bool = False,
+        logprobs: str | int = 0, format: str = "text", bench: str | bool = False,
+        clean: str | bool = False) -> None:
+    """OCR images with a local model (see `deepseek-ocr-cli --help`). Values arrive as the strings typed."""
+    from .config import load_settings  # noqa: PLC0415 - keeps `--help` and argument errors instant
+    from .errors import UserError  # noqa: PLC0415
+    from .pipeline import Pipeline, Request  # noqa: PLC0415
+    from .prompts import DEFAULT_PROMPTS, check_placeholders  # noqa: PLC0415
+
+    out_format = _choice("format", format, ("text", "json"))
+    want_bench, want_clean = _bool("bench", bench), _bool("clean", clean)
+    n_logprobs = _int("logprobs", logprobs, low=0)
+    if n_logprobs and out_format != "json":
+        raise UserError("--logprobs needs --format json")
+    flags = {"model": model, "model_dir": model_dir, "model_config": model_config, "tokenizer": tokenizer,
+             "weights": weights, "backend": backend, "device": device, "dtype": dtype, "template": template,
+             "base_size": base_size, "image_size": image_size, "crop_mode": crop_mode, "mode": mode, "task": task,
+             "max_new_tokens": max_new_tokens, "use_cache": use_cache, "do_sample": do_sample,
+             "temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
+             "no_repeat_ngram_size": no_repeat_ngram_size, "seed": seed, "repetition_guard": repetition_guard}
+    settings = load_settings(Path(config).expanduser() if config else None, flags)
+    model_id = settings.active_model
+    if task is not None and model_id != "paddleocr-vl":
+        raise UserError("--task is a PaddleOCR-VL option; add --model paddleocr-vl")
+    if mode is not None and model_id != "deepseek-ocr":
+        raise UserError("--mode is a DeepSeek-OCR option")
+
+    text = _prompt_text(prompt, prompt_file)
+    if text is None:
+        if not image:
+            raise UserError("nothing to do: give --image, --prompt or --prompt-file (see --help)")
+        if task is not None:
+            text = ""
+        elif model_id == "deepseek-ocr":
+            # The default prompt is written for one page; more pages get one placeholder each, in front.
+            text = "<image>\n" * len(image) + DEFAULT_PROMPTS[model_id].split("<image>\n", 1)[1]
+        else:
+            text = DEFAULT_PROMPTS[model_id]
+    elif task is not None and text.replace("<image>", "").strip():
+        raise UserError("give --task or a prompt with text, not both")
+    if model_id == "deepseek-ocr" or text.count("<image>"):
+        check_placeholders(text, len(image))
+    images = [_open_image(source) for source in image]
+
+    pipeline = Pipeline(settings, max_resident=1)
+    request = Request(prompt=text, images=images, model=model_id,
+                      overrides={"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs})
+    started = time.perf_counter()
+    result = _print_answer(pipeline, request, out_format, want_clean, images)
+    wall_s = time.perf_counter() - started
+    if out_format == "text":
+        print(f"[{result.model} {result.backend}/{result.device}/{result.dtype}] {result.prompt_tokens} prompt + "
+              f"{result.completion_tokens} generated tokens, finish: {result.finish_reason}, {wall_s:.2f} s",
+              file=sys.stderr)
+    if want_bench:
+        print(_bench_table(result), file=sys.stderr)
+
+
+def _print_answer(pipeline: Any, request: Any, out_format: str, clean: bool, images: list) -> Any:
+    """Stream (text mode, unless --clean needs the whole answer) or collect and print one JSON object."""
+    from .pipeline import Result  # noqa: PLC0415
+
+    streaming = out_format == "text" and not clean
+    result = None
+    for event in pipeline.stream(request):
+        if isinstance(event, Result):
+            result = event
+        elif streaming and event.text:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    assert result is not None
+    if streaming:
+        if result.text and not result.text.endswith("\n"):
+            sys.stdout.write("\n")
+    elif out_format == "text":
+        sys.stdout.write(_clean(result.text) + "\n")
+    else:
+        json.dump(_as_json(result, clean, images), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    return result
+
+
+def _clean(text: str) -> str:
+    from .output import clean_markdown  # noqa: PLC0415
+
+    return clean_markdown(text, image_link=lambda i: f"![](images/{i}.jpg)\n")
+
+
+def _as_json(result: Any, clean: bool, images: list) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "text": result.text, "token_ids": result.token_ids, "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens, "finish_reason": result.finish_reason,
+        "model": result.model, "backend": result.backend, "device": result.device, "dtype": result.dtype,
+        "timings_ms": result.timings_ms,
+    }
+    if result.logprobs is not None:
+        data["logprobs"] = [
+            {"token_id": t.token_id, "logprob": t.logprob,
+             "top_logprobs": [{"token_id": e.token_id, "logprob": e.logprob} for e in t.top_logprobs]}
+            for t in result.logprobs]
+    if clean:
+        from .output import parse_grounding  # noqa: PLC0415
+
+        # Pixel boxes only when the answer can refer to a single page.
+        size = images[0].size if len(images) == 1 else None
+        data["markdown"] = _clean(result.text)
+        data["grounding"] = [ref.as_dict(size) for ref in parse_grounding(result.text)]
+    return data
+
+
+def _bench_table(result: Any) -> str:
+    from .timing import Timings  # noqa: PLC0415
+
+    timings = Timings(total_ms=dict(result.timings_ms), counts=dict(result.timing_calls))
+    lines = [timings.table()]
+    prefill_ms = result.timings_ms.get("decode.prefill", 0.0)
+    iterative_ms = result.timings_ms.get("decode.iterative", 0.0)
+    if prefill_ms > 0:
+        lines.append(f"prefill: {result.prompt_tokens / (prefill_ms / 1000):.1f} tokens/s "
+                     f"({result.prompt_tokens} tokens)")
+    steps = max(result.completion_tokens - 1, 0)  # the first token comes out of the prefill
+    if iterative_ms > 0 and steps:
+        lines.append(f"decode: {steps / (iterative_ms / 1000):.1f} tokens/s ({steps} steps)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- values
+def _user_error(message: str) -> Exception:
+    from .errors import UserError  # noqa: PLC0415
+
+    return UserError(message)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise _user_error(f"--{name.replace('_', '-')}: {value!r} is not allowed (allowed: true | false)")
+
+
+def _int(name: str, value: Any, low: int) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = None
+    if number is None or number < low or isinstance(value, bool):
+        raise _user_error(f"--{name}: {value!r} is not allowed (allowed: an integer >= {low})")
+    return number
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise _user_error(f"--{name}: {value!r} is not allowed (allowed: {' | '.join(allowed)})")
+    return value
+
+
+def _prompt_text(prompt: str | None, prompt_file: str | None) -> str | None:
+    if prompt is not None and prompt_file is not None:
+        raise _user_error("give --prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        try:
+            return Path(prompt_file).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise _user_error(f"--prompt-file: cannot read {prompt_file}: {getattr(exc, 'strerror', None) or exc}")
+    if prompt is not None:
+        # Shells pass "\n" as two characters; the documented prompts need a real newline there.
+        return prompt.replace("\\n", "\n")
+    return None
+
+
+def _open_image(source: str) -> Any:
+    from .images import open_image  # noqa: PLC0415
+
+    if source.startswith(("http://", "https://")):
+        return open_image(_fetch(source))
+    return open_image(Path(source).expanduser())
+
+
+def _fetch(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
+    """GET an image URL with a total deadline and a size cap; failures are one-line `ImageError`s."""
+    import httpx  # noqa: PLC0415
+
+    from .errors import ImageError  # noqa: PLC0415
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)),
+                          follow_redirects=True, max_redirects=5) as client:
+            with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise ImageError(f"cannot fetch {url}: HTTP {response.status_code}")
+                declared = response.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise ImageError(f"image at {url} is over the {max_bytes} byte limit")
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ImageError(f"image at {url} is over the {max_bytes} byte limit")
+                    if time.monotonic() > deadline:  # httpx's read timeout is per read, not total
+                        raise ImageError(f"cannot fetch {url}: no complete answer within {timeout_s:.0f} s")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise ImageError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------- argv
+_PARAMS = tuple(inspect.signature(ocr).parameters)
+_BARE_TRUE = ("bench", "ignore_eos", "clean", "crop_mode", "use_cache", "do_sample", "repetition_guard")
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Rewrite the user's argv into Fire arguments that keep every value a string (`--key='value'`), gather
+    the repeated `--image`, and refuse unknown options and stray words with one clear line."""
+    values: dict[str, Any] = {}
+    images: list[str] = []
+    args = list(argv)
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not arg.startswith("--") or arg == "--":
+            raise _user_error(f"unexpected argument {arg!r}; every option starts with -- (see --help)")
+        name, has_value, value = arg[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in _PARAMS:
+            raise _user_error(f"unknown option --{name} (see --help)")
+        if not has_value:
+            if index < len(args) and not args[index].startswith("--"):
+                value, index = args[index], index + 1
+            elif key in _BARE_TRUE:
+                value = "true"
+            else:
+                raise _user_error(f"--{name} needs a value")
+        if key == "image":
+            images.append(value)
+            continue
+        if key in values:
+            raise _user_error(f"--{name} is given twice")
+        values[key] = value
+    fire_args = [f"--{key}={value!r}" for key, value in values.items()]
+    if images:
+        fire_args.append(f"--image={images!r}")
+    return fire_args
+
+
+def _run(argv: Sequence[str]) -> None:
+    import fire  # noqa: PLC0415
+
+    fire.Fire(ocr, command=normalize_argv(argv), name="deepseek-ocr-cli")
+
+
+def main(argv: Sequence[str] | None = None, *, stderr: TextIO | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 2 user error, 1 internal error, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    err = stderr or sys.stderr
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, stream=err,
+                        format="%(levelname)s: %(message)s")
+    if any(a in ("--help", "-h", "-help") for a in argv) or argv == ["help"]:
+        sys.stdout.write(HELP)
+        return 0
+    from .errors import UserError  # noqa: PLC0415
+
+    try:
+        _run(argv)
+        return 0
+    except UserError as exc:
+        print(f"error: {_one_line(str(exc))}", file=err)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print("error: interrupted", file=err)
+        return 130
+    except BrokenPipeError:  # `| head` closed stdout: not an error of ours
+        return 0
+    except SystemExit as exc:  # Fire's own argument errors (it prints its usage first)
+        return exc.code if isinstance(exc.code, int) else EXIT_USER
+    except Exception as exc:  # noqa: BLE001 - the one place that turns internal faults into an exit status
+        if debug:
+            traceback.print_exc(file=err)
+        print(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
+              f"(set {DEBUG_ENV}=1 for the traceback)", file=err)
+        return EXIT_INTERNAL
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
