@@ -192,7 +192,7 @@ def parse_chat(body: Any) -> CallSpec:
         max_tokens=max_completion if max_completion is not None else max_tokens,  # the newer name wins
         temperature=_number_in(body, "temperature", 0.0, 2.0),
         top_p=_number_in(body, "top_p", 0.0, 1.0, open_low=True),
-        seed=_int_in(body, "seed", -(1 << 63), (1 << 64) - 1),
+        seed=_int_in(body, "seed", 0, (1 << 63) - 1),  # the range config.toml allows
         stop=_stop(body), logprobs=logprobs, top_logprobs=top_logprobs,
         stream=stream, include_usage=include_usage)
 

@@ -16,7 +16,8 @@ from typing import Any
 _TASK_START = "### Task:"
 _HISTORY = re.compile(r"<chat_history>(.*?)(?:</chat_history>|$)", re.S)
 _JSON_KEY = re.compile(r'JSON format:\s*\{\s*"(\w+)"', re.S)
-_SPECIAL = re.compile(r"<\|[^|]*\|>|\[\[[\d,\s\[\]]*\]\]")   # DeepSeek-OCR grounding tags and boxes
+# DeepSeek-OCR grounding: a label in ref tags and its boxes in det tags, both dropped whole; then stray tags.
+_SPECIAL = re.compile(r"<\|ref\|>.*?<\|/ref\|>|<\|det\|>.*?<\|/det\|>|<\|[^|]*\|>")
 _MARKUP = re.compile(r"[#*_`>|~<>\[\]()]+")
 _TURN = re.compile(r"^(USER|ASSISTANT):\s?", re.M)
 _TITLE_WORDS = 6

@@ -1,0 +1,229 @@
+"""Request validation, stop strings, Open WebUI task answers and the error mapping of the server, without a server."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+
+from common.errors import ImageError, ModelFilesError, UnknownModelError, UserError
+from server.errors import AuthError, BusyError, RequestError, openai_error
+from server.formats import ChatFormat, ResponsesFormat, Usage
+from server.schemas import parse_chat, parse_responses
+from server.stops import StopFilter, apply_stops
+from server.tasks import answer_task, is_task_request
+
+USER = [{"role": "user", "content": "hello"}]
+
+
+def chat(**fields):
+    return parse_chat({"model": "deepseek-ocr", "messages": USER, **fields})
+
+
+def test_chat_defaults_leave_sampling_to_the_server_settings() -> None:
+    spec = chat()
+    assert (spec.model, spec.stream, spec.include_usage, spec.stop) == ("deepseek-ocr", False, False, ())
+    assert spec.overrides() == {}
+
+
+def test_max_completion_tokens_wins_over_max_tokens() -> None:
+    assert chat(max_tokens=10).max_tokens == 10
+    assert chat(max_tokens=10, max_completion_tokens=3).max_tokens == 3
+    assert chat(max_completion_tokens=7).overrides() == {"max_new_tokens": 7}
+
+
+def test_temperature_zero_is_greedy_and_above_zero_samples() -> None:
+    assert chat(temperature=0).overrides() == {"do_sample": False, "temperature": 0.0}
+    assert chat(temperature=0.7, top_p=0.9, seed=3).overrides() == {
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "seed": 3}
+
+
+def test_logprobs_ask_the_backend_for_at_least_one_alternative() -> None:
+    assert chat(logprobs=True).overrides() == {"logprobs": 1}
+    assert chat(logprobs=True, top_logprobs=5).overrides() == {"logprobs": 5}
+
+
+def test_stop_accepts_a_string_or_up_to_four_strings() -> None:
+    assert chat(stop="END").stop == ("END",)
+    assert chat(stop=["a", "b", "c", "d"]).stop == ("a", "b", "c", "d")
+
+
+def test_stream_options_and_unknown_keys() -> None:
+    spec = chat(stream=True, stream_options={"include_usage": True}, user="x", tools=[], logit_bias={"1": 2})
+    assert spec.stream and spec.include_usage
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"model": 3}, "model"),
+    ({"model": ""}, "model"),
+    ({"messages": []}, "messages"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "x", "detail": "max"}}]}]}, "messages"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": "12"}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"seed": 1.5}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"n": 2}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": 5}, "stop"),
+    ({"stream": "yes"}, "stream"),
+    ({"stream_options": {"include_usage": 1}}, "include_usage"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"response_format": {"type": "yaml"}}, "response_format"),
+])
+def test_bad_chat_fields_are_400s_naming_the_field(fields, param) -> None:
+    body = {"model": "deepseek-ocr", "messages": USER} | fields
+    with pytest.raises(RequestError) as info:
+        parse_chat(body)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_missing_fields_and_non_object_bodies() -> None:
+    with pytest.raises(RequestError, match="'model' is required"):
+        parse_chat({"messages": USER})
+    with pytest.raises(RequestError, match="'messages'"):
+        parse_chat({"model": "deepseek-ocr"})
+    for body in ([USER], "text", 3, None, True):
+        with pytest.raises(RequestError, match="must be a JSON object"):
+            parse_chat(body)
+
+
+def test_responses_input_string_and_parts() -> None:
+    spec = parse_responses({"model": "paddleocr-vl", "input": "read this", "instructions": "be brief",
+                            "max_output_tokens": 9})
+    assert spec.messages == [{"role": "user", "content": "read this"}]
+    assert (spec.instructions, spec.overrides()) == ("be brief", {"max_new_tokens": 9})
+    parts = [{"type": "input_text", "text": "OCR:"},
+             {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "auto"}]
+    spec = parse_responses({"model": "paddleocr-vl", "input": [{"type": "message", "role": "user", "content": parts}]})
+    assert spec.messages == [{"role": "user", "content": parts}]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f1"}]}]}, "input"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "x", "instructions": 3}, "instructions"),
+])
+def test_bad_responses_fields(fields, param) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_responses({"model": "deepseek-ocr"} | fields)
+    assert info.value.param == param
+
+
+@pytest.mark.parametrize("deltas, stops, expected, matched", [
+    (["Hel", "lo wor", "ld"], ["wor"], "Hello ", True),
+    (["ab", "c", "d"], ["cd"], "ab", True),
+    (["a", "b", "c"], ["bd"], "abc", False),            # held-back "b" is released at the end
+    (["x<", "|e", "nd|>y"], ["<|end|>"], "x", True),
+    (["one", " two"], [], "one two", False),
+    (["STOP"], ["STOP"], "", True),
+    (["aXb", "Yc"], ["Y", "X"], "a", True),               # the earliest match wins, whichever stop it is
+])
+def test_stop_filter_cuts_at_the_first_stop_across_deltas(deltas, stops, expected, matched) -> None:
+    f = StopFilter(stops)
+    out = "".join(f.feed(d) for d in deltas) + f.flush()
+    assert (out, f.matched) == (expected, matched)
+    assert apply_stops("".join(deltas), stops) == (expected, matched)
+
+
+def test_stop_filter_holds_back_only_possible_prefixes() -> None:
+    f = StopFilter(["END"])
+    assert f.feed("hello E") == "hello "
+    assert f.feed("x") == "Ex"
+
+
+TITLE_PROMPT = """### Task:
+Generate a concise, 3-5 word title with an emoji summarizing the chat history.
+### Output:
+JSON format: { "title": "your concise title here" }
+### Chat History:
+<chat_history>
+USER: Convert the document to markdown.
+ASSISTANT: <|ref|>title<|/ref|><|det|>[[12, 30, 400, 60]]<|/det|>
+# Quarterly **Revenue** Report for the Northern Region
+Some text.
+</chat_history>"""
+
+
+def test_open_webui_task_prompts_get_the_json_they_ask_for() -> None:
+    assert is_task_request(TITLE_PROMPT, 0) and not is_task_request(TITLE_PROMPT, 1)
+    assert not is_task_request("<image>\nConvert the document to markdown.", 1)
+    assert json.loads(answer_task(TITLE_PROMPT)) == {"title": "Quarterly Revenue Report for the Northern"}
+    tags = TITLE_PROMPT.replace('{ "title": "your concise title here" }', '{ "tags": ["tag1", "tag2"] }')
+    assert json.loads(answer_task(tags)) == {"tags": ["Document"]}
+    follow = TITLE_PROMPT.replace('{ "title": "your concise title here" }', '{ "follow_ups": ["Q?"] }')
+    assert json.loads(answer_task(follow)) == {"follow_ups": []}
+    bare = TITLE_PROMPT.replace('JSON format: { "title": "your concise title here" }', "Return ONLY the title text")
+    assert answer_task(bare) == "Quarterly Revenue Report for the Northern"
+    empty = "### Task:\nGenerate a title\n### Output:\nJSON format: { \"title\": \"t\" }\n<chat_history>\n</chat_history>"
+    assert json.loads(answer_task(empty)) == {"title": "Document OCR"}
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (RequestError("bad", param="top_p"), 400, None),
+    (AuthError("no key"), 401, "invalid_api_key"),
+    (UnknownModelError("unknown model 'x'"), 404, "model_not_found"),
+    (ImageError("not an image", status=422), 422, "invalid_image"),
+    (ModelFilesError("weights missing"), 503, None),
+    (UserError("two\nlines"), 400, None),
+    (BusyError("full", status=429, retry_after=2), 429, "queue_full"),
+    (BusyError("loading", status=503, retry_after=9), 503, "model_loading"),
+    (NotFound("no route"), 404, "not_found"),
+    (MethodNotAllowed("PUT", "PUT", ["GET"]), 405, "method_not_allowed"),
+    (PayloadTooLarge("big"), 413, "request_too_large"),
+    (BadRequest("Failed when parsing body as json"), 400, "invalid_json"),
+    (KeyError("secret internals"), 500, "internal_error"),
+])
+def test_every_exception_maps_to_an_openai_error_object(exc, status, code) -> None:
+    got_status, body, headers = openai_error(exc, "rid42")
+    assert got_status == status
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == code
+    assert "\n" not in body["error"]["message"]
+    if status == 500:
+        assert "secret" not in body["error"]["message"] and "rid42" in body["error"]["message"]
+    if isinstance(exc, BusyError):
+        assert headers["Retry-After"] == str(exc.retry_after)
+    if status == 405:
+        assert headers["Allow"] == "GET"
+
+
+def test_chat_chunks_share_id_and_carry_null_usage_when_usage_is_asked_for() -> None:
+    fmt = ChatFormat("deepseek-ocr", include_usage=True)
+    first, last = fmt.chunk({"role": "assistant", "content": ""}), fmt.chunk({}, finish_reason="length")
+    usage = fmt.usage_chunk(Usage(5, 2))
+    assert first["id"] == last["id"] == usage["id"] and first["usage"] is None
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 5, "completion_tokens": 2,
+                                                          "total_tokens": 7}
+    assert "usage" not in ChatFormat("deepseek-ocr").chunk({"content": "x"})
+
+
+def test_responses_events_are_numbered_from_zero_in_order() -> None:
+    fmt = ResponsesFormat("paddleocr-vl")
+    frames = [*fmt.opening_events(), fmt.delta_event("ab"), *fmt.closing_events("ab", "incomplete", Usage(3, 1))]
+    payloads = [json.loads(f.split("data: ", 1)[1]) for f in frames]
+    assert [p["sequence_number"] for p in payloads] == list(range(len(frames)))
+    assert [p["type"] for p in payloads] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.incomplete"]
+    final = payloads[-1]["response"]
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["usage"]["total_tokens"] == 4 and final["output"][0]["content"][0]["text"] == "ab"
