@@ -1,0 +1,84 @@
+"""The MLX backend as the pipeline sees it: `load_model(kind, ...)` -> a `LoadedModel` (common/backend.py).
+
+Device and dtype are resolved here once; the model file for `kind` is imported only when asked for. Mirrors
+torch_ocr/backend.py. Devices: 'auto' -> Metal when available, else the CPU; 'cuda' belongs to the torch backend.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlx.core as mx
+
+from common.backend import MODEL_KINDS
+from common.errors import UnknownModelError, UserError
+from common.generation import GeneratedToken, GenerationOptions, PromptInputs
+from common.timing import Timings
+
+from .generate import generate
+from .loader import DTYPES
+
+#: Model kind -> module with `load(config_path, weights_path, *, dtype, device)`.
+MODEL_MODULES: dict[str, str] = {"deepseek-ocr": "mlx_ocr.deepseek_ocr", "paddleocr-vl": "mlx_ocr.paddleocr_vl"}
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'metal' when MLX sees an Apple GPU, else 'cpu'; sets MLX's (process-wide) default device."""
+    if device == "auto":
+        device = "metal" if mx.metal.is_available() else "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        raise UserError("--device cuda needs the torch backend (--backend torch)", param="device")
+    if device == "metal":
+        if not mx.metal.is_available():
+            raise UserError("--device metal was asked for, but MLX sees no Metal GPU", param="device")
+        mx.set_default_device(mx.gpu)
+        return "metal"
+    if device != "cpu":
+        raise UserError(f"unknown device {device!r} for MLX (auto, cpu or metal)", param="device")
+    mx.set_default_device(mx.cpu)
+    return "cpu"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """'auto' -> bfloat16 on Metal, float32 on the CPU (bfloat16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return "float32" if device == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})", param="dtype")
+    return dtype
+
+
+def _sync_for(device: str):
+    """What `Timings` calls before each clock read: wait for queued MLX work."""
+    return mx.synchronize
+
+
+class MLXModel:
+    """A loaded model plus where it runs; `generate` is the shared loop in mlx_ocr/generate.py."""
+
+    backend = "mlx"
+
+    def __init__(self, kind: str, model: Any, device: str, dtype: str) -> None:
+        self.kind = kind
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.sync = _sync_for(device)
+
+    def generate(self, inputs: PromptInputs, options: GenerationOptions, timings: Timings,
+                 cancel: threading.Event | None = None) -> Iterator[GeneratedToken]:
+        timings.sync = self.sync
+        return generate(self.model, inputs, options, timings, cancel)
+
+
+def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> MLXModel:
+    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'metal')."""
+    if kind not in MODEL_MODULES:
+        raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    device_name = resolve_device(device)
+    dtype_name = resolve_dtype(dtype, device_name)
+    module = importlib.import_module(MODEL_MODULES[kind])
+    model = module.load(Path(config_path), Path(weights_path), dtype=dtype_name, device=device_name)
+    return MLXModel(kind, model, device_name, dtype_name)

@@ -1,0 +1,70 @@
+"""The torch backend as the pipeline sees it: `load_model(kind, ...)` -> a `LoadedModel` (common/backend.py).
+
+Device and dtype are resolved here once; the model file for `kind` is imported only when asked for, so loading
+DeepSeek-OCR never imports PaddleOCR-VL's code. Mirrored in mlx_ocr/backend.py.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from common.backend import MODEL_KINDS
+from common.errors import UnknownModelError, UserError
+from common.generation import GeneratedToken, GenerationOptions, PromptInputs
+from common.timing import Timings
+
+from .generate import generate
+from .loader import DTYPES, resolve_device
+
+#: Model kind -> module with `load(config_path, weights_path, *, dtype, device)`.
+MODEL_MODULES: dict[str, str] = {"deepseek-ocr": "torch_ocr.deepseek_ocr", "paddleocr-vl": "torch_ocr.paddleocr_vl"}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> bfloat16 on an accelerator, float32 on the CPU (bfloat16 matmuls are slow on most CPUs)."""
+    if dtype == "auto":
+        return "float32" if device.type == "cpu" else "bfloat16"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})", param="dtype")
+    return dtype
+
+
+def _sync_for(device: torch.device):
+    """What `Timings` calls before each clock read, so asynchronous CUDA work is measured honestly."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+class TorchModel:
+    """A loaded model plus where it runs; `generate` is the shared loop in torch_ocr/generate.py."""
+
+    backend = "torch"
+
+    def __init__(self, kind: str, model: Any, device: torch.device, dtype: str) -> None:
+        self.kind = kind
+        self.model = model
+        self.torch_device = device
+        self.device = device.type
+        self.dtype = dtype
+        self.sync = _sync_for(device)
+
+    def generate(self, inputs: PromptInputs, options: GenerationOptions, timings: Timings,
+                 cancel: threading.Event | None = None) -> Iterator[GeneratedToken]:
+        timings.sync = self.sync
+        return generate(self.model, inputs, options, timings, cancel)
+
+
+def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> TorchModel:
+    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'cuda', 'cuda:N')."""
+    if kind not in MODEL_MODULES:
+        raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    torch_device = resolve_device(device)
+    dtype_name = resolve_dtype(dtype, torch_device)
+    module = importlib.import_module(MODEL_MODULES[kind])
+    model = module.load(Path(config_path), Path(weights_path), dtype=DTYPES[dtype_name], device=torch_device)
+    return TorchModel(kind, model, torch_device, dtype_name)
