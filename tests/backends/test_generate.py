@@ -283,3 +283,75 @@ def test_abandoned_generator_still_books_its_time(backend) -> None:
     next(stream), next(stream)
     stream.close()
     assert timings.counts["decode.generate"] == 1 and timings.counts["decode.iterative"] == 1
+
+
+# ------------------------------------------------------------------ the real models through load_model (tiny)
+
+def _real_inputs(kind: str, snapshot) -> Any:
+    import json
+
+    from PIL import Image
+
+    from common import deepseek_ocr, paddleocr_vl
+    from common.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    if kind == "deepseek-ocr":
+        return deepseek_ocr.build_inputs("<image>\nFree OCR.", [image], tokenizer, base_size=512, image_size=512,
+                                         crop_mode=False)
+    return paddleocr_vl.build_inputs("OCR:", [image], tokenizer, (snapshot / "chat_template.jinja").read_text(),
+                                     json.loads((snapshot / "preprocessor_config.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def greedy_ids() -> dict[str, list[int]]:
+    """Ids of the first backend run per kind, so the other backend is held to them."""
+    return {}
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "mlx"])
+@pytest.mark.parametrize("kind", ["deepseek-ocr", "paddleocr-vl"])
+def test_load_model_smoke(request: pytest.FixtureRequest, kind: str, backend_name: str,
+                          greedy_ids: dict[str, list[int]]) -> None:
+    """Load a tiny real-layout checkpoint, generate cached and uncached; both backends agree on the ids."""
+    import importlib
+
+    pytest.importorskip("torch" if backend_name == "torch" else "mlx.core")
+    model_module = f"{backend_name}_ocr.{kind.replace('-', '_')}"
+    if importlib.util.find_spec(model_module) is None:
+        pytest.skip(f"{model_module} is not written yet")
+    snapshot = request.getfixturevalue("deepseek_tiny" if kind == "deepseek-ocr" else "paddle_tiny")
+    load_model = importlib.import_module(f"{backend_name}_ocr.backend").load_model
+    model = load_model(kind, snapshot / "config.json", snapshot, dtype="auto", device="cpu")
+    assert (model.kind, model.backend, model.device, model.dtype) == (kind, backend_name, "cpu", "float32")
+    inputs = _real_inputs(kind, snapshot)
+    runs = []
+    for use_cache in (True, False):
+        timings = Timings()
+        options = GenerationOptions(max_new_tokens=4, use_cache=use_cache, logprobs=1, ignore_eos=True)
+        runs.append(list(model.generate(inputs, options, timings)))
+        assert timings.counts["decode.iterative"] == 3 and timings.total_ms["vision.compute_embeddings"] > 0
+    assert _ids(runs[0]) == _ids(runs[1]) and len(runs[0]) == 4
+    assert all(t.logprob is not None and t.logprob <= 0 for t in runs[0])
+    if kind in greedy_ids:
+        assert _ids(runs[0]) == greedy_ids[kind], "torch and MLX disagree on greedy ids"
+    greedy_ids[kind] = _ids(runs[0])
+
+
+def test_load_model_refusals() -> None:
+    from common.errors import UnknownModelError, UserError
+
+    pytest.importorskip("torch")
+    from torch_ocr.backend import load_model as torch_load, resolve_dtype
+
+    with pytest.raises(UnknownModelError):
+        torch_load("gpt-5", "config.json", "weights", dtype="auto", device="cpu")
+    with pytest.raises(UserError, match="dtype"):
+        resolve_dtype("int3", __import__("torch").device("cpu"))
+    pytest.importorskip("mlx.core")
+    from mlx_ocr.backend import resolve_device
+
+    with pytest.raises(UserError, match="torch backend"):
+        resolve_device("cuda")
+    assert resolve_device("auto") in ("cpu", "metal")
