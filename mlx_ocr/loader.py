@@ -6,6 +6,7 @@ assigning the checkpoint in their place never holds the weights twice.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -130,6 +131,7 @@ def _cubic_aa(x: np.float32) -> np.float32:
     return np.float32(0.0)
 
 
+@functools.lru_cache(maxsize=64)
 def interpolation_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
     """The (out_size, in_size) float32 matrix M with `M @ x == F.interpolate(x, out_size, mode)` along one axis.
 
@@ -167,6 +169,7 @@ def interpolation_matrix(in_size: int, out_size: int, mode: str) -> np.ndarray:
                 matrix[i, xmin + k] = w / total if total != 0 else w
         else:
             raise ValueError(f"unknown interpolation mode {mode!r}")
+    matrix.flags.writeable = False  # shared through the cache: tables of one size are resized often
     return matrix
 
 

@@ -371,7 +371,7 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         for old, new in RENAMES:
             if name.startswith(old):
                 name = new + name[len(old):]
-        out[name] = tensor.transpose(0, 2, 3, 1) if tensor.ndim == 4 else tensor
+        out[name] = tensor.transpose(0, 2, 3, 1) if tensor.ndim == 4 and name.endswith(".weight") else tensor
     return out
 
 
