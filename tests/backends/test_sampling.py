@@ -155,3 +155,24 @@ def test_sampling_follows_the_distribution(backend: Backend) -> None:
     counts = np.bincount(backend.back(sample(batch)).astype(np.int64), minlength=3)[:3] / 4000
     p = np.exp(x[0, :3] / 2.0) / np.exp(x[0, :3] / 2.0).sum()
     assert np.all(np.abs(counts - p) < 4 * np.sqrt(p * (1 - p) / 4000))
+
+
+def test_sampling_leaves_the_global_rng_alone(backend: Backend) -> None:
+    """Per-request generators only: a draw neither reads nor advances the framework's global RNG."""
+    x = _logits(8)
+    if backend.name == "torch":
+        import torch
+        read = lambda: torch.get_rng_state().clone()  # noqa: E731
+        same = lambda a, b: bool(torch.equal(a, b))  # noqa: E731
+    elif backend.name == "mlx":
+        import mlx.core as mx
+        read = lambda: np.array(mx.random.state[0])  # noqa: E731
+        same = lambda a, b: bool(np.array_equal(a, b))  # noqa: E731
+    else:
+        read = lambda: np.random.get_state()[1].copy()  # noqa: E731
+        same = lambda a, b: bool(np.array_equal(a, b))  # noqa: E731
+    before = read()
+    for seed in (None, 3):
+        sample = backend.module.make_sampler(SamplingOptions(do_sample=True, temperature=1.0, seed=seed))
+        backend.back(sample(backend.to(x)))
+    assert same(before, read())
