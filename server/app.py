@@ -62,7 +62,8 @@ def create_app(settings: Settings, *, pipeline: Any | None = None, scheduler: An
                preload: bool = True, name: str | None = None) -> Sanic:
     """The Sanic app. `pipeline`, `scheduler`, `resolver` and `transport` replace the real ones (tests)."""
     server = settings.server
-    app = Sanic(name or f"deepseek_ocr_server_{next(_app_names)}")
+    # configure_logging=False: records go to the root logger only (main() sets it up), not printed twice.
+    app = Sanic(name or f"deepseek_ocr_server_{next(_app_names)}", configure_logging=False)
     app.config.REQUEST_MAX_SIZE = server.max_request_bytes
     app.config.RESPONSE_TIMEOUT = RESPONSE_TIMEOUT_S
     app.config.FALLBACK_ERROR_FORMAT = "json"
