@@ -95,7 +95,7 @@ def resolve_model_files(
     manifest, stale = _check_manifest(root, spec, rehash=verify)
     if manifest is not None:
         return _model_files(spec, Path(manifest["directory"]), manifest)
-    manifest = _reuse_hf_cache(spec, root)
+    manifest = _reuse_hf_cache(spec, root, log)
     if manifest is not None:
         log(f"{spec.model_id}: using the Hugging Face cache at {manifest['directory']}")
         return _model_files(spec, Path(manifest["directory"]), manifest)
@@ -275,7 +275,7 @@ def _endpoints() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ Hugging Face cache
-def _reuse_hf_cache(spec: ModelSpec, root: Path) -> dict[str, Any] | None:
+def _reuse_hf_cache(spec: ModelSpec, root: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
     """A manifest for a complete, hash-checked snapshot of `spec` in the Hugging Face cache, or None.
 
     The cache names each blob by its content hash (sha256 for LFS files, git blob id otherwise), so the check
@@ -290,6 +290,7 @@ def _reuse_hf_cache(spec: ModelSpec, root: Path) -> dict[str, Any] | None:
     snapshot = storage / "snapshots" / commit
     if not all((snapshot / name).is_file() for name in spec.required):
         return None
+    log(f"{spec.model_id}: checking the files in the Hugging Face cache at {snapshot}")
     files = {}
     for name in spec.files:
         path = snapshot / name
@@ -309,7 +310,10 @@ def _reuse_hf_cache(spec: ModelSpec, root: Path) -> dict[str, Any] | None:
 
 # ------------------------------------------------------------------------------------------------ downloads
 def _probe(endpoints: dict[str, str], repo: str) -> dict[str, tuple[bool, float] | str]:
-    """Per source, probed in parallel: (answered 2xx/3xx, seconds) for any answer below 500, else why not."""
+    """Per source, probed in parallel: (answered 2xx/3xx, seconds) for any answer below 500, else why not.
+
+    The probe asks for the repository itself (a small JSON answer), so "404" already tells a hub without it.
+    """
     import httpx
 
     urls = {
@@ -321,7 +325,7 @@ def _probe(endpoints: dict[str, str], repo: str) -> dict[str, tuple[bool, float]
         started = time.monotonic()
         try:
             with httpx.Client(timeout=PROBE_TIMEOUT_S, follow_redirects=True) as client:
-                status = client.head(url).status_code
+                status = client.get(url).status_code
         except httpx.HTTPError as error:
             return type(error).__name__
         return (status < 400, time.monotonic() - started) if status < 500 else f"HTTP {status}"

@@ -335,7 +335,13 @@ def _write_defaults_if_missing(path: Path) -> None:
         try:
             with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
                 handle.write(default_config_text())
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: exclusive create is the next best
+                with path.open("x", encoding="utf-8", newline="\n") as handle:
+                    handle.write(default_config_text())
         except FileExistsError:
             pass
         finally:

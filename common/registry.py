@@ -43,6 +43,7 @@ _SIDE_FILES = (
     "preprocessor_config.json",
     "generation_config.json",
     "chat_template.jinja",
+    "processor_config.json",
 )
 
 MODELS: dict[str, ModelSpec] = {
@@ -55,7 +56,7 @@ MODELS: dict[str, ModelSpec] = {
             tokenizer="tokenizer.json",
             weights=("model-00001-of-000001.safetensors",),
             # The index is tiny and lists every tensor; kept so the snapshot matches the published one.
-            optional=("model.safetensors.index.json", "processor_config.json", *_SIDE_FILES),
+            optional=("model.safetensors.index.json", *_SIDE_FILES),
         ),
         ModelSpec(
             model_id="paddleocr-vl",
