@@ -117,3 +117,19 @@ def test_incremental_decoder_on_sentencepiece_style_tokenizer() -> None:
     for ids, text in (([1, 2, 3, 4, 1], "Hello world!  Hello"), ([4, 1, 2], " Hello world")):
         pieces = _stream(t.incremental_decoder(), ids)
         assert "".join(pieces) == t.decode(ids) == text
+
+
+def test_incremental_decoder_on_byte_fallback_tokenizer() -> None:
+    """Llama/ERNIE-style SentencePiece decoding: byte-fallback pieces and one stripped leading space."""
+    from tokenizers import Tokenizer as HF, decoders, models
+
+    vocab = {"<unk>": 0, "▁Hello": 1, "<0xE4>": 2, "<0xBD>": 3, "<0xA0>": 4, "▁world": 5, "!": 6}
+    hf = HF(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    t = Tokenizer(hf)
+    ids = [1, 2, 3, 4, 5, 2, 3, 4, 6]
+    decoder = t.incremental_decoder()
+    pieces = [decoder.feed(i) for i in ids] + [decoder.flush()]
+    assert pieces == ["Hello", "", "", "你", " world", "", "", "你", "!", ""]
+    assert "".join(pieces) == t.decode(ids) == "Hello你 world你!"
