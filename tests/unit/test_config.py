@@ -30,6 +30,8 @@ def test_first_run_writes_commented_defaults_that_read_back_equal(tmp_path: Path
     expected_path = tmp_path / "xdg" / "deepseek-ocr" / "config.toml"
     if sys.platform.startswith("linux"):
         assert config.default_config_path() == expected_path
+    else:  # elsewhere XDG may not apply: never touch the real user's config
+        monkeypatch.setattr(config, "default_config_path", lambda: expected_path)
     path = config.default_config_path()
     assert not path.exists()
     settings = load_settings()
