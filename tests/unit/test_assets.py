@@ -398,3 +398,21 @@ def test_missing_local_file_is_named(tmp_path: Path) -> None:
     (folder / "tokenizer.json").write_bytes(SNAPSHOT["tokenizer.json"])
     with pytest.raises(ModelFilesError, match=r"weights file not found: .*nope\.safetensors"):
         resolve_model_files(MODEL, ModelEntry(model_dir=folder, weights=tmp_path / "nope.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ real layout
+def test_tiny_deepseek_snapshot_round_trips_through_the_hub(deepseek_tiny: Path, monkeypatch) -> None:
+    """The registry's DeepSeek-OCR names against a snapshot in the real layout (tiny random weights)."""
+    files_on_hub = {p.name: p.read_bytes() for p in deepseek_tiny.iterdir() if p.is_file() and p.name[0] != "."}
+    server = fakehub.start(files_on_hub, repo="deepseek-ai/DeepSeek-OCR")
+    try:
+        use(monkeypatch, hf=server.url)
+        files = resolve_model_files("deepseek-ocr", ModelEntry(), progress=False, log=lambda line: None)
+    finally:
+        server.stop()
+    assert files.weights.name == "model-00001-of-000001.safetensors"
+    assert (files.directory / "model.safetensors.index.json").is_file()
+    for path in (files.config, files.tokenizer, files.weights, files.tokenizer_config, files.generation_config,
+                 files.special_tokens_map):
+        assert path is not None and path.read_bytes() == (deepseek_tiny / path.name).read_bytes()
+    assert files.chat_template is None and files.preprocessor_config is None
