@@ -51,7 +51,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def _sync_for(device: str):
-    """What `Timings` calls before each clock read: wait for queued MLX work."""
+    """What `Timings` calls before each clock read: wait for queued MLX work (the same on every MLX device)."""
     return mx.synchronize
 
 
