@@ -261,16 +261,24 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """inv_freq (Dh/2,) and the axis (0 t, 1 h, 2 w) of each frequency slot; kept per device, not as
+        buffers, because the module is built on the meta device and buffers would need re-creating."""
+        if device not in self._tables:
+            cfg = self.config
+            inv_freq = 1.0 / (cfg.rope_theta ** (
+                torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
+            axis = torch.repeat_interleave(torch.arange(len(cfg.mrope_section), device=device) % 3,
+                                           torch.tensor(cfg.mrope_section, device=device))
+            self._tables[device] = (inv_freq, axis)
+        return self._tables[device]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """M-RoPE cos/sin (B, 1, L, Dh) from positions (3, B, L): frequency slot k reads the t, h or w position
         by contiguous sections (mrope_section), then the halves repeat; cast to the model dtype as the reference."""
-        cfg = self.config
-        device = positions.device
-        inv_freq = 1.0 / (cfg.rope_theta ** (
-            torch.arange(0, cfg.head_dim, 2, dtype=torch.float32, device=device) / cfg.head_dim))
-        axis = torch.repeat_interleave(torch.arange(len(cfg.mrope_section), device=device) % 3,
-                                       torch.tensor(cfg.mrope_section, device=device))
+        inv_freq, axis = self._rope_tables(positions.device)
         chosen = positions.float()[axis]  # (Dh/2, B, L): each slot's axis
         freqs = chosen.permute(1, 2, 0) * inv_freq  # (B, L, Dh/2)
         emb = torch.cat([freqs, freqs], dim=-1)[:, None]

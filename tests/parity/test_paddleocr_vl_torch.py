@@ -254,3 +254,20 @@ def test_checkpoint_is_sensitive_to_positions(env: Env) -> None:
 
     wrong = env.ours.prefill(replace(inputs, position_ids=flat), embeds, None)
     assert float((right - wrong).abs().max()) > 100 * RTOL * float(right.abs().max())
+
+
+def test_bfloat16_close_to_reference_bfloat16(paddle_tiny: Path, env: Env) -> None:
+    """bf16 is not bit-exact (the patch matmul and the table resize round differently); it stays close."""
+    ref = transformers.PaddleOCRVLForConditionalGeneration.from_pretrained(
+        str(paddle_tiny), dtype=torch.bfloat16).eval()
+    ours = tm.load(paddle_tiny / "config.json", paddle_tiny, dtype="bfloat16", device="cpu")
+    image = _noise(500, 300, 18)
+    inputs = pv.build_inputs("OCR:", [image], env.tokenizer, env.template, env.pre)
+    embeds = ours.encode_images(inputs)
+    assert embeds.dtype == torch.bfloat16
+    logits = ours.prefill(inputs, embeds, None)
+    assert logits.dtype == torch.float32
+    with torch.no_grad():
+        ref_logits = ref(**_ref_inputs(env, [image])).logits[:, -1].float()
+    assert float((logits - ref_logits).abs().max()) < 0.05 * float(ref_logits.abs().max())
+    assert int(logits.argmax()) == int(ref_logits.argmax())

@@ -114,3 +114,27 @@ def test_transformers_loads_tiny_snapshot_with_no_missing_or_unexpected(paddle_t
     weights = load_file(str(paddle_tiny / "model.safetensors"))
     assert torch.equal(model.lm_head.weight, weights["lm_head.weight"])
     assert torch.equal(model.model.projector.linear_1.weight, weights["mlp_AR.linear_1.weight"])
+
+
+def test_loader_is_strict_and_skips_unused_by_name(tmp_path: Path, paddle_tiny: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file, save_file
+
+    from common.errors import CheckpointError
+    from torch_ocr import paddleocr_vl as model_file
+
+    weights = load_file(str(paddle_tiny / "model.safetensors"))
+    config = paddle_tiny / "config.json"
+    # Without the unused groups the checkpoint still loads: they are skipped by name, never required.
+    used = {k: v for k, v in weights.items() if not k.startswith(UNUSED)}
+    save_file(used, str(tmp_path / "used.safetensors"))
+    model = model_file.load(config, tmp_path / "used.safetensors", dtype="float32", device="cpu")
+    assert torch.equal(model.mlp_AR.linear_2.weight, weights["mlp_AR.linear_2.weight"])
+    missing = {k: v for k, v in used.items() if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        model_file.load(config, tmp_path / "missing.safetensors", dtype="float32", device="cpu")
+    extra = {**used, "model.layers.9.mlp.up_proj.weight": used["model.layers.1.mlp.up_proj.weight"].clone()}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
+        model_file.load(config, tmp_path / "extra.safetensors", dtype="float32", device="cpu")
