@@ -326,8 +326,12 @@ def _probe(endpoints: dict[str, str], repo: str) -> dict[str, tuple[bool, float]
         try:
             with httpx.Client(timeout=PROBE_TIMEOUT_S, follow_redirects=True) as client:
                 status = client.get(url).status_code
-        except httpx.HTTPError as error:
-            return type(error).__name__
+        except httpx.TimeoutException:
+            return f"no answer within {PROBE_TIMEOUT_S:g} s"
+        except httpx.ConnectError:
+            return "cannot connect"
+        except (httpx.HTTPError, httpx.InvalidURL) as error:
+            return _short(error)
         return (status < 400, time.monotonic() - started) if status < 500 else f"HTTP {status}"
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
