@@ -13,6 +13,8 @@ One server speaks both protocols (they use different paths) and serves the same 
 name it is asked for, unless `repo=` pins one. Files whose names end in `LFS_SUFFIXES` are served as LFS/large
 files (ETag = sha256), the others as plain git blobs (ETag = git sha1), as the real Hugging Face does.
 Faults for tests: `corrupt(path)` serves same-size wrong bytes, `cut(path)` drops the connection mid-body.
+For a subprocess (e2e tests), `environment(tmp_path, hub)` gives the variables that point both hubs at `hub` (or
+at a dead port) and every cache, token and config folder into tmp_path.
 Only the standard library is used.
 """
 from __future__ import annotations
@@ -22,10 +24,11 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["FakeHub", "start", "git_blob_sha1", "LFS_SUFFIXES", "dead_url"]
+__all__ = ["FakeHub", "start", "environment", "git_blob_sha1", "LFS_SUFFIXES", "dead_url"]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".model", ".bin")
@@ -44,6 +47,21 @@ def dead_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+def environment(tmp: Path, hub: FakeHub | None = None) -> dict[str, str]:
+    """Environment variables isolating a process: hubs at `hub` (None: a dead port), all state under `tmp`.
+
+    Merge into a copy of os.environ for subprocess.run(env=...); XDG_* moves our config.toml and model cache on
+    Linux (and macOS, where platformdirs honours XDG when set).
+    """
+    url = hub.url if hub is not None else dead_url()
+    return {
+        "HF_ENDPOINT": url, "MODELSCOPE_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HOME": str(tmp / "hf-home"), "MODELSCOPE_CACHE": str(tmp / "ms-cache"),
+        "MODELSCOPE_HOME": str(tmp / "ms-home"), "XDG_CACHE_HOME": str(tmp / "xdg-cache"),
+        "XDG_CONFIG_HOME": str(tmp / "xdg-config"), "TQDM_DISABLE": "1",
+    }
 
 
 @dataclass

@@ -417,3 +417,21 @@ def test_tiny_deepseek_snapshot_round_trips_through_the_hub(deepseek_tiny: Path,
                  files.special_tokens_map):
         assert path is not None and path.read_bytes() == (deepseek_tiny / path.name).read_bytes()
     assert files.chat_template is None and files.preprocessor_config is None
+
+
+def test_fakehub_environment_isolates_a_subprocess(hub, tmp_path: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, **fakehub.environment(tmp_path, hub)}
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN"):
+        env.pop(name, None)
+    code = ("from common.assets import resolve_model_files, models_cache_dir; from common.config import ModelEntry;"
+            "f = resolve_model_files('paddleocr-vl', ModelEntry(), progress=False); print(f.source, f.directory)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    source, directory = out.stdout.split()
+    assert source in ("huggingface", "modelscope")
+    if sys.platform.startswith("linux"):
+        assert Path(directory) == tmp_path / "xdg-cache" / "deepseek-ocr" / "models" / "paddleocr-vl"
+    assert hub.file_requests("model.safetensors")
