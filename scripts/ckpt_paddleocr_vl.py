@@ -17,11 +17,11 @@ import copy
 import json
 import math
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "data" / "reference" / "paddleocr-vl"
@@ -41,6 +41,8 @@ TINY_VISION = {
 }
 
 QK_GAIN = 2.0
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16"}
 
 
 def make_config(size: str = "tiny", dtype: str = "bfloat16") -> dict[str, Any]:
@@ -190,10 +192,29 @@ def build(out_dir: str | Path, *, size: str = "tiny", seed: int = 0, dtype: str 
     special_map = {k: tok_config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token",
                                               "sep_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {name: _random_tensor(name, shape, gen).to(torch_dtype) for name, shape in tensor_plan(config)}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_safetensors(out / "model.safetensors", tensor_plan(config), torch_dtype, seed)
     return out
+
+
+def _write_safetensors(path: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, seed: int) -> None:
+    """Stream tensors into a safetensors file one at a time, so a full-size build never holds every weight:
+    8-byte little-endian header length, the JSON header (name -> dtype, shape, byte offsets), then the data."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in plan:
+        size = math.prod(shape) * item
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+    gen = torch.Generator().manual_seed(seed)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, shape in plan:
+            tensor = _random_tensor(name, shape, gen).to(dtype).contiguous()
+            f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
 
 
 def full_plan_from_reference() -> list[tuple[str, tuple[int, ...]]]:
