@@ -27,6 +27,17 @@ def model(deepseek_tiny: Path) -> ds.DeepseekOCRForCausalLM:
     return ds.load(deepseek_tiny / "config.json", deepseek_tiny, dtype="float32", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def encoded(model: ds.DeepseekOCRForCausalLM) -> dict[str, tuple[DeepseekOCRInputs, torch.Tensor]]:
+    """Prompts with one image each and their embeddings, encoded once (SAM at real sizes is the slow part)."""
+    prompts = {
+        "global_1024": _inputs((_image(0, 1024),), [273], [300, 400, 500]),
+        "tiled_2x1": _inputs((_image(1, 1024, (2, 1)),), [483], [300, 400, 500]),
+        "global_640": _inputs((_image(2, 640),), [111], [300, 301]),
+    }
+    return {name: (inputs, model.encode_images(inputs)) for name, inputs in prompts.items()}
+
+
 def _view(rng: np.random.Generator, size: int, count: int | None = None) -> np.ndarray:
     shape = (3, size, size) if count is None else (count, 3, size, size)
     return rng.uniform(-1.0, 1.0, shape).astype(np.float32)
@@ -57,15 +68,16 @@ def test_load_gives_real_tensors_in_the_asked_dtype(model: ds.DeepseekOCRForCaus
     assert not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters())
 
 
-def test_load_bfloat16(deepseek_tiny: Path, model: ds.DeepseekOCRForCausalLM) -> None:
+def test_load_bfloat16(deepseek_tiny: Path, model: ds.DeepseekOCRForCausalLM, encoded) -> None:
     half = ds.load(deepseek_tiny / "config.json", deepseek_tiny, dtype="bfloat16", device="cpu")
     assert half.dtype == torch.bfloat16
-    inputs = _inputs((_image(3, 1024),), [273], [300, 400])
+    inputs, ref_embeds = encoded["global_640"]
     embeds = half.encode_images(inputs)
     assert embeds.dtype == torch.bfloat16
+    assert torch.corrcoef(torch.stack([embeds.float().flatten(), ref_embeds.flatten()]))[0, 1] > 0.99
     low = half.prefill(inputs, embeds, None)
-    ref = model.prefill(inputs, model.encode_images(inputs), None)
     assert low.dtype == torch.float32
+    ref = model.prefill(inputs, ref_embeds, None)
     # bfloat16 tracks float32 loosely: strongly correlated logits, not bit-equal.
     assert torch.corrcoef(torch.stack([low[0], ref[0]]))[0, 1] > 0.98
 
@@ -119,48 +131,48 @@ def test_sanitize_stacks_experts_gate_first(model: ds.DeepseekOCRForCausalLM, de
 
 # ----------------------------------------------------------------------------------------------- images
 
-def test_encode_images_token_counts(model: ds.DeepseekOCRForCausalLM) -> None:
+def test_encode_images_token_counts(model: ds.DeepseekOCRForCausalLM, encoded) -> None:
     assert model.encode_images(_inputs((), [], [5])) is None
-    one = model.encode_images(_inputs((_image(0, 1024),), [273], [5]))
-    assert one.shape == (273, model.config.n_embed)
-    tiled = model.encode_images(_inputs((_image(1, 1024, (2, 1)),), [483], [5]))
-    assert tiled.shape == (483, model.config.n_embed)
-    small = model.encode_images(_inputs((_image(2, 640),), [111], [5]))
-    assert small.shape[0] == 111
-    two = model.encode_images(_inputs((_image(0, 1024), _image(2, 640)), [273, 111], [5]))
-    assert torch.allclose(two, torch.cat([one, small]), atol=1e-5)
+    hidden = model.config.n_embed
+    assert encoded["global_1024"][1].shape == (273, hidden)
+    assert encoded["tiled_2x1"][1].shape == (483, hidden)
+    assert encoded["global_640"][1].shape == (111, hidden)
+    small = encoded["global_640"][1]
+    image = encoded["global_640"][0].images[0]
+    two = model.encode_images(_inputs((image, image), [111, 111], [5]))
+    assert torch.allclose(two, torch.cat([small, small]), atol=1e-5)
     with pytest.raises(ValueError, match="image tokens"):
-        model.encode_images(_inputs((_image(0, 1024),), [272], [5]))
+        model.encode_images(_inputs((image,), [110], [5]))
 
 
 def test_tiled_layout_is_rows_of_tiles_then_global_then_separator(model: ds.DeepseekOCRForCausalLM) -> None:
-    wide, high = 3, 2
-    image = _image(4, 1024, (wide, high))
-    out = model.encode_images(_inputs((image,), [273 + (10 * wide + 1) * 10 * high], [5]))
+    # 512-pixel views (n = 8) keep this cheap; the layout does not depend on the view size.
+    wide, high, n = 3, 2, 8
+    image = _image(4, 512, (wide, high), tile=512)
+    out = model.encode_images(_inputs((image,), [(n + 1) * n + 1 + (n * wide + 1) * n * high], [5]))
     m = model.model
     with torch.inference_mode():
-        tiles = m.image_features(torch.from_numpy(image.tiles)).view(wide * high, 10, 10, -1)
-        glob = m.image_features(torch.from_numpy(image.global_view[None])).view(16, 16, -1)
+        tiles = m.image_features(torch.from_numpy(image.tiles)).view(wide * high, n, n, -1)
+        glob = m.image_features(torch.from_numpy(image.global_view[None])).view(n, n, -1)
     newline, sep = m.image_newline, m.view_seperator
-    row_len = 10 * wide + 1
-    for r in range(10 * high):
+    row_len = n * wide + 1
+    for r in range(n * high):
         row = out[r * row_len:(r + 1) * row_len]
-        for c in range(10 * wide):
+        for c in range(n * wide):
             # Tile k sits at column k % wide, row k // wide (row-major cut of the resized image).
-            k = (r // 10) * wide + c // 10
-            assert torch.allclose(row[c], tiles[k, r % 10, c % 10], atol=1e-5), (r, c)
+            k = (r // n) * wide + c // n
+            assert torch.allclose(row[c], tiles[k, r % n, c % n], atol=1e-5), (r, c)
         assert torch.equal(row[-1], newline)
-    start = 10 * high * row_len
-    for r in range(16):
-        row = out[start + r * 17:start + (r + 1) * 17]
-        assert torch.allclose(row[:16], glob[r], atol=1e-5)
-        assert torch.equal(row[16], newline)
-    assert torch.equal(out[-1], sep) and out.shape[0] == start + 16 * 17 + 1
+    start = n * high * row_len
+    for r in range(n):
+        row = out[start + r * (n + 1):start + (r + 1) * (n + 1)]
+        assert torch.allclose(row[:n], glob[r], atol=1e-5)
+        assert torch.equal(row[n], newline)
+    assert torch.equal(out[-1], sep) and out.shape[0] == start + n * (n + 1) + 1
 
 
-def test_image_embeddings_replace_image_tokens_in_order(model: ds.DeepseekOCRForCausalLM) -> None:
-    inputs = _inputs((_image(0, 640),), [111], [300, 301])
-    embeds = model.encode_images(inputs)
+def test_image_embeddings_replace_image_tokens_in_order(model: ds.DeepseekOCRForCausalLM, encoded) -> None:
+    inputs, embeds = encoded["global_640"]
     base = model.prefill(inputs, embeds, None)
     shuffled = model.prefill(inputs, embeds.flip(0), None)
     assert not torch.allclose(base, shuffled, atol=1e-3)
@@ -182,9 +194,9 @@ def _greedy_with_cache(model, inputs, embeds, steps: int) -> tuple[list[int], li
     return ids, all_logits
 
 
-def test_cached_decoding_equals_full_forward(model: ds.DeepseekOCRForCausalLM) -> None:
-    inputs = _inputs((_image(5, 1024, (2, 1)),), [483], [300, 400, 500])
-    embeds = model.encode_images(inputs)
+@pytest.mark.parametrize("prompt", ["global_1024", "tiled_2x1"])
+def test_cached_decoding_equals_full_forward(model: ds.DeepseekOCRForCausalLM, encoded, prompt: str) -> None:
+    inputs, embeds = encoded[prompt]
     ids, cached = _greedy_with_cache(model, inputs, embeds, 6)
     for n in range(len(ids) + 1):
         full = model.prefill(inputs.extended(ids[:n]), embeds, None)
