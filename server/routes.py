@@ -96,8 +96,13 @@ async def ready(request: HttpRequest) -> HTTPResponse:
     return json_response(body, status=200 if is_ready else 503)
 
 
+#: Display names; Open WebUI shows `name` when a model object has one (OpenAI's objects do not, clients ignore it).
+MODEL_NAMES = {"deepseek-ocr": "DeepSeek-OCR", "paddleocr-vl": "PaddleOCR-VL"}
+
+
 def _model_object(model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "local"}
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "local",
+            "name": MODEL_NAMES.get(model_id, model_id)}
 
 
 async def list_models(request: HttpRequest) -> HTTPResponse:

@@ -44,7 +44,8 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         lines = [f'[models.entries.{mid}]\nmodel_dir = "{path}"' for mid, path in entries.items()]
-        lines.append('[inference]\ndevice = "cpu"\nbackend = "torch"\nmax_new_tokens = 6')
+        # mode "tiny" (one 512 view, no crops) keeps the DeepSeek-OCR vision tower cheap on a shared CPU.
+        lines.append('[inference]\ndevice = "cpu"\nbackend = "torch"\nmax_new_tokens = 6\nmode = "tiny"')
         settings = {"host": "127.0.0.1", "port": self.port} | server
         lines.append("[server]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in settings.items()))
         self.config = workdir / "config.toml"
