@@ -271,3 +271,23 @@ def test_bfloat16_close_to_reference_bfloat16(paddle_tiny: Path, env: Env) -> No
         ref_logits = ref(**_ref_inputs(env, [image])).logits[:, -1].float()
     assert float((logits - ref_logits).abs().max()) < 0.05 * float(ref_logits.abs().max())
     assert int(logits.argmax()) == int(ref_logits.argmax())
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_shared_generate_loop_matches_reference(paddle_tiny: Path, env: Env, use_cache: bool) -> None:
+    """The backend's generate loop with the checkpoint's generation defaults gives transformers' greedy ids."""
+    from dataclasses import replace
+
+    from common.timing import Timings
+    from torch_ocr.backend import load_model
+
+    loaded = load_model("paddleocr-vl", paddle_tiny / "config.json", paddle_tiny, dtype="float32", device="cpu")
+    options = pv.generation_defaults(json.loads((paddle_tiny / "generation_config.json").read_text()))
+    options = replace(options, max_new_tokens=NEW_TOKENS, use_cache=use_cache)
+    images = [_noise(420, 90, 19)]
+    inputs = pv.build_inputs("OCR:", images, env.tokenizer, env.template, env.pre)
+    ids = [t.token_id for t in loaded.generate(inputs, options, Timings())]
+    with torch.no_grad():
+        generated = env.ref.generate(**_ref_inputs(env, images), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                     use_cache=True)
+    assert ids == generated[0, len(inputs.input_ids):].tolist()
