@@ -32,6 +32,7 @@ from . import deepseek_ocr, paddleocr_vl
 from .backend import LoadedModel, LoadModel
 from .errors import ModelFilesError, UserError
 from .generation import GeneratedToken, GenerationOptions
+from .images import to_rgb
 from .prompts import paddle_prompt_text, render_deepseek
 from .registry import get_model
 from .sampling import SamplingOptions
@@ -274,23 +275,27 @@ class Pipeline:
 
     def _build_inputs(self, resident: _Resident, request: Request, inference: Any, timings: Timings) -> Any:
         """Render the prompt and build the model's inputs, booking the three preparation stages."""
-        encoder = _TimedEncoder(resident.tokenizer, timings)
-        if resident.model_id == "deepseek-ocr":
-            base_size, image_size, crop_mode = (deepseek_ocr.MODES[inference.mode] if inference.mode else
-                                                (inference.base_size, inference.image_size, inference.crop_mode))
-            with timings.measure("prompt.render"):
+        with timings.measure("prompt.render"):
+            if resident.model_id == "deepseek-ocr":
                 prompt = render_deepseek(request.prompt, inference.template)
-            start = time.perf_counter()
-            inputs = deepseek_ocr.build_inputs(prompt, request.images, encoder, base_size=base_size,
-                                               image_size=image_size, crop_mode=crop_mode)
-        else:
-            with timings.measure("prompt.render"):
+            else:
                 prompt = paddle_prompt_text(request.prompt)
                 if inference.task:
                     prompt = _with_task(prompt, paddleocr_vl.task_prompt(inference.task))
-            start = time.perf_counter()
-            inputs = paddleocr_vl.build_inputs(prompt, request.images, encoder, resident.chat_template or "",
+        encoder = _TimedEncoder(resident.tokenizer, timings)
+        start = time.perf_counter()
+        # Front ends normally hand over RGB already (common.images); anything else is converted as the official
+        # loaders do, so a library caller cannot feed RGBA or palette pixels to the preprocessing.
+        images = [im if im.mode == "RGB" else to_rgb(im) for im in request.images]
+        if resident.model_id == "deepseek-ocr":
+            base_size, image_size, crop_mode = (deepseek_ocr.MODES[inference.mode] if inference.mode else
+                                                (inference.base_size, inference.image_size, inference.crop_mode))
+            inputs = deepseek_ocr.build_inputs(prompt, images, encoder, base_size=base_size,
+                                               image_size=image_size, crop_mode=crop_mode)
+        else:
+            inputs = paddleocr_vl.build_inputs(prompt, images, encoder, resident.chat_template or "",
                                                resident.preprocessor)
+        # Tokenizing happens inside build_inputs; everything else there is image work.
         total_ms = (time.perf_counter() - start) * 1000.0
         timings.add("prompt.build_tokens", encoder.elapsed_ms)
         timings.add("vision.prepare_inputs", total_ms - encoder.elapsed_ms)

@@ -296,3 +296,26 @@ def test_torch_backend_end_to_end(settings: Any, model: str, prompt: str, with_i
     again = pipe.run(Request(prompt, images, model=model,
                              overrides={"max_new_tokens": 4, "use_cache": False, **size}))
     assert again.token_ids == result.token_ids
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("model", ["deepseek-ocr", "paddleocr-vl"])
+def test_mlx_and_torch_backends_agree(settings: Any, model: str) -> None:
+    pytest.importorskip("mlx.core")
+    ids = {}
+    for backend in ("torch", "mlx"):
+        pipe = Pipeline(load_settings(settings.config_path, {"backend": backend, "device": "cpu"}))
+        result = pipe.run(Request("Hello", model=model, overrides={"max_new_tokens": 4, "ignore_eos": True}))
+        assert result.backend == backend
+        ids[backend] = result.token_ids
+    assert ids["mlx"] == ids["torch"]
+
+
+def test_non_rgb_images_are_converted_like_the_official_loader(settings: Any) -> None:
+    loader = Loader([DS_EOS])
+    pipe = Pipeline(settings, load_model=loader)
+    rgba = Image.new("RGBA", (64, 48), (10, 200, 30, 0))  # fully transparent: alpha dropped, not composited
+    pipe.run(Request("<image>\nx", [rgba], overrides={"mode": "tiny"}))
+    pipe.run(Request("<image>\nx", [rgba.convert("RGB")], overrides={"mode": "tiny"}))
+    (a, _), (b, _) = loader.models["deepseek-ocr"].calls
+    assert (a.images[0].global_view == b.images[0].global_view).all()
