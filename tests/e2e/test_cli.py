@@ -244,3 +244,13 @@ def test_internal_failure_exit_1_and_debug_traceback(run, deepseek_tiny: Path, t
     assert "internal error" in line and "DEEPSEEK_OCR_DEBUG=1" in line and "Traceback" not in proc.stderr
     debug = run("--model-dir", str(broken), "--prompt", "Hello", *FAST, debug=True)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_individual_model_file_flags(run, deepseek_tiny: Path) -> None:
+    proc = run("--model-config", str(deepseek_tiny / "config.json"), "--tokenizer",
+               str(deepseek_tiny / "tokenizer.json"), "--weights",
+               str(deepseek_tiny / "model-00001-of-000001.safetensors"), "--prompt", "Hello", "--format", "json",
+               "--max-new-tokens", "2", "--ignore-eos", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["completion_tokens"] == 2 and data["prompt_tokens"] == 2  # BOS + "Hello"
