@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.deepseek_ocr import DeepseekOCRInputs
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UserError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from .cache import KVCache
@@ -25,6 +25,7 @@ from .loader import DTYPES, assign_strict, checkpoint_files, read_safetensors, r
 NECK_KERNEL = 3
 DOWNSAMPLE_STRIDE = 2
 QUICK_GELU_SCALE = 1.702
+RGB_CHANNELS = 3  # both patch convs read RGB pixels
 
 
 # ----------------------------------------------------------------------------------------------- SAM leaves
@@ -134,14 +135,14 @@ class SamBlock(nn.Module):
 class SamPatchEmbed(nn.Module):
     def __init__(self, cfg: SamConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(RGB_CHANNELS, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.proj(pixels).permute(0, 2, 3, 1)  # (B, G, G, C)
 
 
 class SamEncoder(nn.Module):
-    """SAM ViT-B with neck and two stride-2 convs (`deepencoder.ImageEncoderViT`): (B, 3, S, S) -> (B, C3, S/64, S/64)."""
+    """SAM ViT-B, neck and two stride-2 convs (`deepencoder.ImageEncoderViT`): (B, 3, S, S) -> (B, C3, S/64, S/64)."""
 
     def __init__(self, cfg: SamConfig) -> None:
         super().__init__()
@@ -213,7 +214,8 @@ class ClipEmbeddings(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.class_embedding = nn.Parameter(torch.empty(cfg.width))
-        self.patch_embedding = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(RGB_CHANNELS, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding(cfg.grid ** 2 + 1, cfg.width)
         self.grid = cfg.grid
 
@@ -287,7 +289,8 @@ def rope_inv_freq(cfg: DeepseekV2Config, device: torch.device | str) -> torch.Te
     return 1.0 / (cfg.rope_theta ** exponents)
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) positions -> cos, sin (B, 1, L, head_dim), computed in float32 and cast like LlamaRotaryEmbedding."""
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
@@ -597,6 +600,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torc
          device: str | torch.device = "cpu") -> DeepseekOCRForCausalLM:
     """Build on the meta device, read the original checkpoint (memory-mapped) and assign it strictly."""
     cfg = DeepseekOCRConfig.from_file(config_path)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     target = resolve_device(device) if isinstance(device, str) else device
     with torch.device("meta"):

@@ -252,7 +252,8 @@ def test_sam_blocks_match_transformers(model: ds.DeepseekOCRForCausalLM) -> None
 
     sam = model.config.sam
     config = SamVisionConfig(hidden_size=sam.width, num_attention_heads=sam.heads, image_size=sam.image_size,
-                             patch_size=sam.patch_size, mlp_dim=sam.width * sam.mlp_ratio, output_channels=sam.out_chans,
+                             patch_size=sam.patch_size, mlp_dim=sam.width * sam.mlp_ratio,
+                             output_channels=sam.out_chans,
                              layer_norm_eps=sam.layer_norm_eps, use_rel_pos=True, qkv_bias=True, hidden_act="gelu")
     config._attn_implementation = "eager"
     ours_blocks = model.model.sam_model.blocks
@@ -285,7 +286,8 @@ def test_clip_block_matches_transformers(model: ds.DeepseekOCRForCausalLM) -> No
 
     clip = model.config.clip
     config = CLIPVisionConfig(hidden_size=clip.width, intermediate_size=clip.intermediate_size,
-                              num_attention_heads=clip.heads, hidden_act="quick_gelu", layer_norm_eps=clip.layer_norm_eps)
+                              num_attention_heads=clip.heads, hidden_act="quick_gelu",
+                              layer_norm_eps=clip.layer_norm_eps)
     config._attn_implementation = "eager"
     ours = model.model.vision_model.transformer.layers[0]
     theirs = CLIPEncoderLayer(config).eval()
