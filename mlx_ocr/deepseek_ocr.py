@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.switch_layers import SwitchGLU
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from common.deepseek_ocr import DeepseekOCRInputs
 from common.errors import CheckpointError
@@ -371,9 +371,32 @@ class RoutedExperts(SwitchGLU):
         super().__init__(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts)
 
     def __call__(self, x: mx.array, weights: mx.array, ids: mx.array) -> mx.array:
-        out = super().__call__(x, ids)  # (T, k, D)
+        if x.dtype != mx.float32 and mx.default_device() == mx.cpu and isinstance(self.gate_proj, SwitchLinear):
+            out = self._each_expert(x, ids)
+        else:
+            out = super().__call__(x, ids)  # (T, k, D)
         # The weighted sum runs in float32 (the gate's dtype), then back to the model dtype (`moe_infer`).
         return (out.astype(mx.float32) * weights[..., None]).sum(axis=1).astype(x.dtype)
+
+
+    def _each_expert(self, x: mx.array, ids: mx.array) -> mx.array:
+        """(T, D), (T, k) -> (T, k, D) one chosen expert at a time, in float32.
+
+        MLX's CPU `gather_mm` runs float32 only, and casting every expert per call would cost a float32 copy
+        of the layer; this reads the ids on the host and casts only the experts in use.
+        """
+        chosen = np.array(ids)
+        tokens, k = chosen.shape
+        out = mx.zeros((tokens * k, x.shape[-1]), dtype=mx.float32)
+        flat = chosen.reshape(-1)
+        for expert in np.unique(flat):
+            slots = np.flatnonzero(flat == expert)
+            rows = x[mx.array(slots // k)].astype(mx.float32)
+            gate = rows @ self.gate_proj.weight[int(expert)].astype(mx.float32).T
+            up = rows @ self.up_proj.weight[int(expert)].astype(mx.float32).T
+            down = self.down_proj.weight[int(expert)].astype(mx.float32)
+            out[mx.array(slots)] = (nn.silu(gate) * up) @ down.T
+        return out.reshape(tokens, k, -1)
 
 
 class DecoderMoE(nn.Module):
