@@ -229,9 +229,18 @@ class ImageLoader:
         self.limits = limits
         self.max_pixels = max_pixels
         self.resolver = resolver
-        # trust_env=False: a proxy from the environment would fetch on our behalf and bypass the address check.
-        self.client = httpx.AsyncClient(transport=transport, trust_env=False, follow_redirects=False,
-                                        timeout=httpx.Timeout(limits.timeout_s, connect=min(5.0, limits.timeout_s)))
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """Created on first use and again after `close()`, so a restarted server gets a working client."""
+        if self._client is None or self._client.is_closed:
+            timeout = httpx.Timeout(self.limits.timeout_s, connect=min(5.0, self.limits.timeout_s))
+            # trust_env=False: a proxy from the environment would fetch for us and bypass the address check.
+            self._client = httpx.AsyncClient(transport=self.transport, trust_env=False, follow_redirects=False,
+                                             timeout=timeout)
+        return self._client
 
     async def load(self, url: str) -> Image.Image:
         """Fetch or decode one image URL; raises `ImageError` (a user error) for anything refused."""
@@ -257,4 +266,6 @@ class ImageLoader:
         return [await self.load(url) for url in urls]
 
     async def close(self) -> None:
-        await self.client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

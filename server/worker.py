@@ -94,12 +94,21 @@ class Worker:
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._loading: str | None = None
+        # Refreshed by the worker thread only: the pipeline holds its lock while loading a model, so asking it
+        # from the event loop could stall every route for the length of a load.
+        self._loaded: list[str] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="generation-worker", daemon=True)
 
     def start(self, preload: Iterable[str] = ()) -> None:
         """Start the thread; models in `preload` are loaded first, on that thread (backends are thread-bound)."""
-        self._preload.extend(preload)
+        with self._cond:
+            self._stopping = False
+            self._preload.extend(preload)
+            if self._thread.is_alive():
+                return
+            # A thread runs once; a server restarted in the same process (tests do this) gets a fresh one.
+            self._thread = threading.Thread(target=self._serve, name="generation-worker", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -133,7 +142,7 @@ class Worker:
     def status(self) -> dict[str, Any]:
         with self._cond:
             queued, running, loading = len(self._waiting), self._running is not None, self._loading
-        return {"loaded_models": list(self.pipeline.loaded_models()), "loading": loading,
+        return {"loaded_models": list(self._loaded), "loading": loading,
                 "queued": queued, "queue_size": self.queue_size, "busy": running,
                 "worker_alive": self._thread.is_alive()}
 
@@ -156,12 +165,13 @@ class Worker:
 
     def _serve(self) -> None:
         while (item := self._next()) is not None:
-            if isinstance(item, str):
-                self._load(item)
-                continue
             try:
-                self._run(item)
+                if isinstance(item, str):
+                    self._load(item)
+                else:
+                    self._run(item)
             finally:
+                self._loaded = list(self.pipeline.loaded_models())
                 with self._cond:
                     self._running = None
 
@@ -175,17 +185,23 @@ class Worker:
             self._loading = None
 
     def _run(self, job: Job) -> None:
-        model = job.request.model
-        if model is not None and model not in self.pipeline.loaded_models():
-            self._loading = model  # cleared at the first event, i.e. once the load is done
+        if job.cancelled.is_set():  # cancelled between leaving the queue and starting
+            job._post(_END)
+            return
         try:
+            model = job.request.model
+            if model is not None and model not in self._loaded:
+                # Loaded here rather than inside stream(), so "loading" (503 instead of 429) covers exactly the load.
+                self._loading = model
+                try:
+                    self.pipeline.load(model)
+                finally:
+                    self._loading, self._loaded = None, list(self.pipeline.loaded_models())
             # A cancelled job is not abandoned here: the pipeline sees the event between tokens and still ends
             # with its Result, which carries the usage counts a stop string needs.
             for event in self.pipeline.stream(job.request, job.cancelled):
-                self._loading = None
                 job._post(event)
-        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the request that caused it
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the request that caused it
             job._post(exc)
         finally:
-            self._loading = None
             job._post(_END)

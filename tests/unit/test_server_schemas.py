@@ -227,3 +227,167 @@ def test_responses_events_are_numbered_from_zero_in_order() -> None:
     final = payloads[-1]["response"]
     assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert final["usage"]["total_tokens"] == 4 and final["output"][0]["content"][0]["text"] == "ab"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The worker queue and the in-band error frames, with a scripted pipeline (no model): these behaviours depend on
+# timing a real model cannot be made to show on demand.
+import asyncio  # noqa: E402
+import threading  # noqa: E402
+
+from common.pipeline import Request, Result, TextDelta  # noqa: E402
+from server.worker import Worker  # noqa: E402
+
+
+class ScriptedPipeline:
+    """Yields `tokens` deltas per request; holds each request at `hold` until released; may fail mid-stream."""
+
+    def __init__(self, tokens: int = 3, fail_at: int | None = None) -> None:
+        self.tokens, self.fail_at = tokens, fail_at
+        self.loaded: list[str] = []
+        self.started: list[str] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.load_gate = threading.Event()
+        self.load_gate.set()
+        self.running = threading.Event()
+
+    def loaded_models(self) -> list[str]:
+        return list(self.loaded)
+
+    def load(self, model: str) -> None:
+        self.load_gate.wait(10)
+        self.loaded = [model]
+
+    def stream(self, request: Request, cancel: threading.Event):
+        self.started.append(request.prompt)
+        if request.model not in self.loaded:
+            self.load(request.model)
+        self.running.set()
+        self.release.wait(10)
+        finish, count = "length", 0
+        for i in range(self.tokens):
+            if cancel.is_set():
+                finish = "cancelled"
+                break
+            if self.fail_at == i:
+                raise RuntimeError("backend fault")
+            count += 1
+            yield TextDelta(f"{request.prompt}{i} ")
+        yield Result(text="", token_ids=[], prompt_tokens=2, completion_tokens=count, finish_reason=finish,
+                     model=request.model, backend="scripted", device="cpu", dtype="float32", timings_ms={})
+
+
+async def drain(job) -> list:
+    return [event async for event in job]
+
+
+def test_worker_serves_in_order_and_answers_429_when_the_queue_is_full() -> None:
+    async def go() -> None:
+        pipeline = ScriptedPipeline()
+        pipeline.release.clear()
+        worker = Worker(pipeline, queue_size=2)
+        worker.start()
+        try:
+            first = worker.submit(Request("a", model="deepseek-ocr"))
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.running.wait, 5)
+            queued = [worker.submit(Request(p, model="deepseek-ocr")) for p in ("b", "c")]
+            with pytest.raises(BusyError) as info:
+                worker.submit(Request("d", model="deepseek-ocr"))
+            assert info.value.status == 429 and info.value.retry_after >= 1
+            assert worker.status()["queued"] == 2 and worker.status()["busy"] is True
+            pipeline.release.set()
+            results = [await drain(job) for job in (first, *queued)]
+            assert pipeline.started == ["a", "b", "c"]
+            assert [e.text for e in results[1] if isinstance(e, TextDelta)] == ["b0 ", "b1 ", "b2 "]
+            assert all(isinstance(r[-1], Result) for r in results)
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_a_full_queue_while_a_model_loads_is_a_503_with_a_longer_retry() -> None:
+    async def go() -> None:
+        pipeline = ScriptedPipeline()
+        pipeline.load_gate.clear()
+        worker = Worker(pipeline, queue_size=1, load_retry_after_s=7)
+        worker.start()
+        try:
+            first = worker.submit(Request("a", model="paddleocr-vl"))
+            for _ in range(250):
+                if worker.status()["loading"] == "paddleocr-vl":
+                    break
+                await asyncio.sleep(0.02)
+            assert worker.status()["loading"] == "paddleocr-vl"
+            second = worker.submit(Request("b", model="paddleocr-vl"))
+            with pytest.raises(BusyError) as info:
+                worker.submit(Request("c", model="paddleocr-vl"))
+            assert (info.value.status, info.value.retry_after) == (503, 7)
+            pipeline.load_gate.set()
+            assert isinstance((await drain(first))[-1], Result) and isinstance((await drain(second))[-1], Result)
+            assert worker.status()["loaded_models"] == ["paddleocr-vl"] and worker.status()["loading"] is None
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_cancel_frees_a_queued_slot_and_stops_a_running_job() -> None:
+    async def go() -> None:
+        pipeline = ScriptedPipeline(tokens=1000)
+        pipeline.release.clear()
+        worker = Worker(pipeline, queue_size=1)
+        worker.start()
+        try:
+            running = worker.submit(Request("a", model="deepseek-ocr"))
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.running.wait, 5)
+            queued = worker.submit(Request("b", model="deepseek-ocr"))
+            with pytest.raises(BusyError):
+                worker.submit(Request("c", model="deepseek-ocr"))
+            queued.cancel()
+            assert await drain(queued) == []          # never started, ended at once
+            replacement = worker.submit(Request("d", model="deepseek-ocr"))  # its slot is free again
+            running.cancel()
+            pipeline.release.set()
+            events = await drain(running)
+            assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 1000
+            assert isinstance((await drain(replacement))[-1], Result)
+            assert pipeline.started == ["a", "d"]
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_a_pipeline_error_reaches_the_request_that_caused_it() -> None:
+    async def go() -> None:
+        worker = Worker(ScriptedPipeline(fail_at=1), queue_size=1)
+        worker.start()
+        try:
+            job = worker.submit(Request("a", model="deepseek-ocr"))
+            first = await job.__anext__()
+            assert first.text == "a0 "
+            with pytest.raises(RuntimeError, match="backend fault"):
+                await drain(job)
+            assert worker.status()["worker_alive"] is True
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_errors_after_the_headers_are_sent_in_band(tmp_path) -> None:
+    from common.config import load_settings
+    from server.app import create_app
+
+    (tmp_path / "config.toml").write_text('[server]\nhost = "127.0.0.1"\n', encoding="utf-8")
+    app = create_app(load_settings(tmp_path / "config.toml"), pipeline=ScriptedPipeline(fail_at=2), preload=False)
+    body = {"model": "deepseek-ocr", "messages": USER, "stream": True}
+    _, chat_response = app.test_client.post("/v1/chat/completions", json=body)
+    frames = [f[len("data: "):] for f in chat_response.text.split("\n\n") if f.strip()]
+    assert chat_response.status == 200 and "[DONE]" not in frames
+    error = json.loads(frames[-1])["error"]
+    assert error["code"] == "internal_error" and "backend fault" not in error["message"]
+    assert [json.loads(f)["choices"][0]["delta"].get("content") for f in frames[1:-1]] == ["hello0 ", "hello1 "]
+
+    _, resp = app.test_client.post("/v1/responses", json={"model": "deepseek-ocr", "input": "x", "stream": True})
+    events = [json.loads(f.split("data: ", 1)[1]) for f in resp.text.split("\n\n") if f.strip()]
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["status"] == "failed"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
