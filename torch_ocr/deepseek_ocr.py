@@ -494,7 +494,7 @@ class DeepseekOCRForCausalLM(nn.Module):
     def _pixels(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_images(self, inputs: DeepseekOCRInputs) -> torch.Tensor | None:
         """Every image's embeddings in prompt order, (N_image_tokens, hidden) in the model dtype; None if no image.
 
@@ -523,7 +523,7 @@ class DeepseekOCRForCausalLM(nn.Module):
                              f"tokens (id {self.config.image_token_id}): the prompt layout does not match the views")
         return embeds
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, inputs: DeepseekOCRInputs, image_embeds: torch.Tensor | None,
                 cache: list[KVCache] | None) -> torch.Tensor:
         """Run the whole prompt at positions 0..L-1; (1, vocab) float32 logits of the last position.
@@ -546,7 +546,7 @@ class DeepseekOCRForCausalLM(nn.Module):
         hidden = self.model.decode(embeds[None], positions, cache)
         return self.lm_head(hidden[:, -1]).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         """One new token per sequence: (B,) ids at (B,) positions -> (B, vocab) float32 logits."""
         tokens = token_ids.to(self.device, torch.int64)[:, None]

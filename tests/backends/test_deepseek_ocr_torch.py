@@ -336,6 +336,45 @@ def test_dense_decoder_layer_matches_llama(model: ds.DeepseekOCRForCausalLM) -> 
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+def test_moe_decoder_layer_matches_llama_layer_with_deepseek_v2_moe(model: ds.DeepseekOCRForCausalLM) -> None:
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    lm = model.config.language
+    config = _llama_config(lm)
+    theirs = LlamaDecoderLayer(config, 1).eval()
+    # DeepseekV2DecoderLayer with use_mla false = Llama attention + norms around the DeepSeek-V2 MoE.
+    theirs.mlp = DeepseekV2Moe(DeepseekV2Config(
+        hidden_size=lm.hidden_size, moe_intermediate_size=lm.moe_intermediate_size,
+        n_routed_experts=lm.n_routed_experts, n_shared_experts=lm.n_shared_experts,
+        num_experts_per_tok=lm.num_experts_per_tok, topk_method="greedy", hidden_act="silu",
+        routed_scaling_factor=lm.routed_scaling_factor)).eval()
+    ours = model.model.layers[2]
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    length = 7
+    x = torch.randn(1, length, lm.hidden_size)
+    positions = torch.arange(length)[None]
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    with torch.inference_mode():
+        expected = theirs(x, attention_mask=mask, position_ids=positions,
+                          position_embeddings=LlamaRotaryEmbedding(config)(x, positions))
+        expected = expected[0] if isinstance(expected, tuple) else expected
+        got = ours(x, *ds.rope_tables(model.model.rope_inv_freq, positions, x.dtype), None)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_returned_logits_can_be_edited_in_place(model: ds.DeepseekOCRForCausalLM) -> None:
+    # Logits processors (bans, penalties) may write into the logits outside any inference-mode context.
+    inputs = DeepseekOCRInputs(input_ids=np.array([BOS, 300], dtype=np.int64))
+    cache = model.make_cache(1, 4)
+    logits = model.prefill(inputs, None, cache)
+    logits[:, 1] = float("-inf")
+    step = model.step(logits.argmax(-1), torch.tensor([2]), cache)
+    step[:, 1] = float("-inf")
+    assert torch.isinf(step[0, 1])
+
+
 def test_moe_and_rmsnorm_match_deepseek_v2(model: ds.DeepseekOCRForCausalLM) -> None:
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Moe, DeepseekV2RMSNorm
