@@ -191,3 +191,51 @@ def test_decode_image_refuses_non_images_and_pixel_bombs_from_the_header() -> No
         decode_image(png_bytes((4, 3)), max_pixels=11)
     with pytest.raises(ImageError, match="could not be decoded"):
         decode_image(b"GIF89a but not really", max_pixels=100)
+
+
+def test_real_transport_fetches_through_the_pinned_address_only_when_private_urls_are_allowed() -> None:
+    """A stdlib server on 127.0.0.1: the real httpx transport, the Host header kept, a redirect followed."""
+    import http.server
+    import threading
+
+    seen: list[tuple[str, str]] = []
+    image = png_bytes((5, 7))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            seen.append((self.path, self.headers["Host"]))
+            if self.path == "/start":
+                self.send_response(302)
+                self.send_header("Location", "/img.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    loopback = stub_resolver({"pages.test": ["127.0.0.1"]})
+    try:
+        async def load(allow: bool):
+            loader = ImageLoader(FetchLimits(allow_private=allow), max_pixels=1000, resolver=loopback)
+            try:
+                return await loader.load(f"http://pages.test:{port}/start")
+            finally:
+                await loader.close()
+
+        with pytest.raises(ImageError, match="non-public"):
+            asyncio.run(load(False))
+        assert seen == []
+        assert asyncio.run(load(True)).size == (5, 7)
+        assert seen == [("/start", f"pages.test:{port}"), ("/img.png", f"pages.test:{port}")]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
