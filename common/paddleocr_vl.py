@@ -304,7 +304,7 @@ def build_inputs(prompt: str, images: Sequence[Image.Image], tokenizer: TextEnco
     ids = np.asarray(tokenizer.encode(expand_image_blocks(text, counts)), dtype=np.int64)
     if int((ids == image_token_id).sum()) != sum(counts):
         raise ModelFilesError(f"the tokenizer does not map {IMAGE_PLACEHOLDER} to id {image_token_id}")
-    channels_patch = settings.patch_size * settings.patch_size * 3
+    channels_patch = settings.patch_size * settings.patch_size * len(settings.image_mean)
     pixels = (np.concatenate([p for p, _ in processed]) if processed
               else np.zeros((0, channels_patch), dtype=np.float32))
     positions = mrope_positions(ids, grids, image_token_id=image_token_id, merge_size=settings.merge_size)
