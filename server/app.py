@@ -107,15 +107,21 @@ def _flag_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point: parse flags, load settings, serve until interrupted."""
-    parser = _flag_parser()
-    args = vars(parser.parse_args(argv))
+def parse_command_line(argv: Sequence[str] | None = None) -> tuple[Settings, dict[str, Any]]:
+    """(settings with flag > config.toml > default applied, server-only options: log_level, preload)."""
+    args = vars(_flag_parser().parse_args(argv))
     config_path, level, no_preload = args.pop("config"), args.pop("log_level"), args.pop("no_preload")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings(config_path, {k: v for k, v in args.items() if v is not None})
+    return settings, {"log_level": level, "preload": not no_preload}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: parse flags, load settings, serve until interrupted (SIGINT/SIGTERM exit 0)."""
     try:
-        settings = load_settings(config_path, {k: v for k, v in args.items() if v is not None})
-        app = create_app(settings, preload=not no_preload)
+        settings, options = parse_command_line(argv)
+        logging.basicConfig(level=options["log_level"].upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app = create_app(settings, preload=options["preload"])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

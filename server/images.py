@@ -181,6 +181,9 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         raise ImageError("data URL has no ',' separating header and payload", param="messages")
     params = [p.strip().lower() for p in header.split(";")]
     mime = params[0]
+    if mime == "application/pdf":
+        raise ImageError("PDF files are not accepted here: send each page as an image",
+                         param="messages", status=422)
     if mime and not mime.startswith(_ACCEPTED_TYPES):
         raise ImageError(f"data URL type {mime!r} is not an image", param="messages", status=422)
     # base64 inflates by 4/3: refuse oversized payloads before decoding them.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -56,6 +57,7 @@ Piece = TextPiece | Final
 async def start_request(request: HttpRequest) -> None:
     """Give every request an id (logs, 500 bodies, `x-request-id`) and check the API key when one is set."""
     request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    request.ctx.started = time.perf_counter()
     key = request.app.ctx.state.api_key
     if key and request.path not in OPEN_PATHS:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -67,9 +69,13 @@ async def start_request(request: HttpRequest) -> None:
 
 
 async def finish_request(request: HttpRequest, response: HTTPResponse) -> None:
+    """Tag the response with its request id and log one line per request (for streams: when headers go out)."""
     rid = getattr(request.ctx, "request_id", None)
     if rid and response is not None:
         response.headers["x-request-id"] = rid
+        started = getattr(request.ctx, "started", None)
+        ms = (time.perf_counter() - started) * 1000.0 if started is not None else 0.0
+        log.info("%s %s %s -> %s (%.0f ms)", rid, request.method, request.path, response.status, ms)
 
 
 async def handle_error(request: HttpRequest, exc: Exception) -> HTTPResponse:

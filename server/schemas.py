@@ -13,7 +13,9 @@ from typing import Any
 
 from .errors import RequestError
 
-MAX_TOKENS_LIMIT = 1 << 17        # far above any supported context: only catches nonsense values
+# A sanity cap, not a context check: the backends preallocate the KV cache for prompt + max_tokens, so a
+# nonsense value (1e9) must not reach them. 16k is twice DeepSeek-OCR's whole context.
+MAX_TOKENS_LIMIT = 1 << 14
 MAX_TOP_LOGPROBS = 20             # OpenAI's own bound
 MAX_STOPS = 4
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")

@@ -391,3 +391,21 @@ def test_errors_after_the_headers_are_sent_in_band(tmp_path) -> None:
     events = [json.loads(f.split("data: ", 1)[1]) for f in resp.text.split("\n\n") if f.strip()]
     assert events[-1]["type"] == "response.failed" and events[-1]["response"]["status"] == "failed"
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
+def test_command_line_flags_beat_config_toml_which_beats_defaults(tmp_path) -> None:
+    from server.app import parse_command_line
+
+    config = tmp_path / "config.toml"
+    config.write_text('[server]\nport = 8100\nqueue_size = 3\n[inference]\nmax_new_tokens = 99\n', encoding="utf-8")
+    settings, options = parse_command_line(["--config", str(config), "--port", "9001", "--allow-private-urls",
+                                            "--max-new-tokens", "7", "--api-key", "k", "--model", "paddleocr-vl",
+                                            "--model-dir", str(tmp_path), "--no-preload"])
+    assert (settings.server.port, settings.server.queue_size, settings.server.api_key) == (9001, 3, "k")
+    assert settings.server.allow_private_urls is True and settings.server.max_request_bytes == 50 * 1024 * 1024
+    assert settings.inference.max_new_tokens == 7 and settings.active_model == "paddleocr-vl"
+    assert settings.entry("paddleocr-vl").model_dir == tmp_path and options["preload"] is False
+    settings, _ = parse_command_line(["--config", str(config), "--allow-private-urls", "false"])
+    assert settings.server.port == 8100 and settings.server.allow_private_urls is False
+    with pytest.raises(UserError, match="--port"):
+        parse_command_line(["--config", str(config), "--port", "http"])
