@@ -104,3 +104,11 @@ def test_torch_module_state_dict_equals_the_real_manifest() -> None:
     mapped = deepseek_ocr.sanitize({k: torch.empty(v, device="meta") for k, v in real.items()})
     mapped_shapes = {k: tuple(v.shape) for k, v in mapped.items()}
     assert ours == mapped_shapes, _diff(ours, mapped_shapes)
+
+
+def test_full_bfloat16_header_totals_the_real_size() -> None:
+    cfg = DeepseekOCRConfig.from_dict(ckpt_deepseek_ocr.config_dict("full"))
+    header, total = ckpt_deepseek_ocr._header(ckpt_deepseek_ocr.tensor_plan(cfg), "bfloat16")
+    data = json.loads((REFERENCE / "manifest_full.json").read_text())
+    assert total == data["total_bytes_bf16"] == 2 * data["num_params"]
+    assert (len(header) - 8) % 8 == 0
