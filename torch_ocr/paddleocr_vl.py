@@ -312,7 +312,7 @@ class PaddleOCRVL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode_images(self, inputs: PaddleOCRVLInputs) -> torch.Tensor | None:
         """(N_image_tokens, hidden) in the model dtype, images in prompt order; None when there are none."""
         if inputs.image_grid_thw.shape[0] == 0:
@@ -325,7 +325,7 @@ class PaddleOCRVL(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def prefill(self, inputs: PaddleOCRVLInputs, image_embeds: torch.Tensor | None,
                 cache: list[KVCache] | None) -> torch.Tensor:
         """(1, vocab) float32 logits at the last prompt position; image embeddings replace the placeholders in
@@ -341,7 +341,7 @@ class PaddleOCRVL(nn.Module):
         hidden = self.model(x[None], positions, cache)
         return self._logits(hidden[:, -1])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def step(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         """One token per sequence: token_ids (B,), positions (B,) used on all three axes -> (B, vocab) float32."""
         x = self.model.embed_tokens(token_ids.to(self.device))[:, None]  # (B, 1, D)
