@@ -601,6 +601,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     `quantize` 4 or 8 quantizes the decoder after loading. A converted snapshot (config.json carries the
     quantization marker) is already in module layout and quantized: it skips `sanitize` and loads as saved.
     """
+    if quantize:
+        quantization.check_options(quantize, group_size)
     resolve_device(device)
     raw, marker = quantization.read_config(Path(config_path))
     cfg = DeepseekOCRConfig.from_dict(raw, str(config_path))

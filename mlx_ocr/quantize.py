@@ -40,11 +40,11 @@ def read_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any] | Non
         raise ConfigError(f"{config_path}: not a readable JSON file ({exc})") from None
     marker = raw.pop(MARKER_KEY, None) if isinstance(raw, dict) else None
     if marker is not None:
-        _check(int(marker.get("bits", 0)), int(marker.get("group_size", 0)), source=str(config_path))
+        check_options(int(marker.get("bits", 0)), int(marker.get("group_size", 0)), source=str(config_path))
     return raw, marker
 
 
-def _check(bits: int, group_size: int, source: str = "--quantize") -> None:
+def check_options(bits: int, group_size: int, source: str = "--quantize") -> None:
     if bits not in BITS:
         raise UserError(f"{source}: quantization bits must be 4 or 8, got {bits}", param="quantize")
     if group_size not in GROUP_SIZES:
@@ -60,7 +60,7 @@ def _quantizable(path: str, module: nn.Module, prefixes: tuple[str, ...], group_
 
 def quantize_model(model: nn.Module, *, bits: int, group_size: int = 64, prefixes: tuple[str, ...]) -> list[str]:
     """Quantize, in place, every Linear / Embedding / SwitchLinear under `prefixes`; returns their paths."""
-    _check(bits, group_size)
+    check_options(bits, group_size)
     chosen: list[str] = []
 
     def predicate(path: str, module: nn.Module) -> bool:
@@ -95,7 +95,7 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
     and config.json with the quantization marker. `kind` ("deepseek-ocr" | "paddleocr-vl") is read from
     config.json's `model_type` when not given.
     """
-    _check(bits, group_size)
+    check_options(bits, group_size)
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     raw, marker = read_config(model_dir / "config.json")
     if marker is not None:
