@@ -86,7 +86,7 @@ def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict, dict[s
         status, code = 500, "internal_error"
         message = f"internal server error (request id {request_id})"
         log.error("internal error in request %s", request_id, exc_info=(type(exc), exc, exc.__traceback__))
-    if 500 <= status and status != 500:
+    if status > 500:  # 503s (busy, model files missing) are expected conditions: no traceback
         log.warning("request %s: %s %s", request_id, status, message)
     error_type = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = {"error": {"message": message.splitlines()[0] if message else "error", "type": error_type,
