@@ -2,6 +2,9 @@
 
 Exact to the official remote code (`modeling_deepseekocr.py` `infer()`, `dynamic_preprocess`,
 `BasicImageTransform`, `format_messages`/`text_encode`; `conversation.py` "plain"); rules in RULES.md.
+Deliberate deviations, all where the official code would silently misbehave: a placeholder count that differs
+from the image count is a `UserError` (`infer()` drops or repeats text); crop mode with image_size other than
+640 is refused (its tiles would not fill their token block); several images are laid out one after another.
 """
 from __future__ import annotations
 
@@ -60,7 +63,6 @@ EOS_TEXT = "<｜end▁of▁sentence｜>"
 #: `infer()` hard-codes 640 both as the tiling threshold and (through `dynamic_preprocess`'s default) the tile
 #: side; neither follows `image_size`.
 TILE_SIZE = 640
-MIN_TILES, MAX_TILES = 2, 9
 #: `tuple(int(x * 255) for x in mean)` with mean 0.5: 127, not 128.
 PAD_COLOR = (127, 127, 127)
 PATCH_SIZE, DOWNSAMPLE_RATIO = 16, 4

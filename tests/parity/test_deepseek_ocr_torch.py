@@ -135,8 +135,9 @@ def test_step_logits_match_official(name: str, env: Env) -> None:
     steps = min(len(run["raw"]), len(ref_fixed))
     for k in range(steps):
         close(run["raw"][k][FIXED], ref_fixed[k], f"{name}: raw logits at fixed ids, step {k}")
-        if k < len(run["ids"]) and run["ids"][k] == CASES[name]["new_tokens"][k]:
-            close(run["raw"][k][run["ids"][k]:run["ids"][k] + 1], ref_chosen[k:k + 1], f"{name}: chosen logit, step {k}")
+        token = run["ids"][k] if k < len(run["ids"]) else None
+        if token is not None and token == CASES[name]["new_tokens"][k]:
+            close(run["raw"][k][token:token + 1], ref_chosen[k:k + 1], f"{name}: chosen logit, step {k}")
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -40,7 +39,8 @@ def case_image(case: dict) -> Image.Image:
     """The image the reference opened, through our loader (PNG for generated images, the committed JPEG)."""
     if case["kind"].startswith("file:"):
         return open_image(GOLDENS / case["kind"][5:])
-    return open_image(patterns.png_bytes(patterns.make_image(case["kind"], case["width"], case["height"], case["seed"])))
+    image = patterns.make_image(case["kind"], case["width"], case["height"], case["seed"])
+    return open_image(patterns.png_bytes(image))
 
 
 def unrle(pairs: list[list[int]]) -> list[int]:
@@ -171,7 +171,7 @@ def test_normalisation_formula() -> None:
     assert out[:, 0, 0].tolist() == [-1.0, np.float32(np.float32(127) / 255 - 0.5) / np.float32(0.5), 1.0]
 
 
-def test_rgba_alpha_is_dropped_not_composited(tokenizer: Tokenizer) -> None:
+def test_rgba_alpha_is_dropped_not_composited() -> None:
     rgba = patterns.make_image("rgba", 300, 200, 22)
     rgb = open_image(patterns.png_bytes(rgba))
     # The transparent stripe keeps its stored colour.
@@ -240,7 +240,11 @@ def test_extended_keeps_positions(tokenizer: Tokenizer) -> None:
 
 # ---------------------------------------------------------------------------------------------- templates
 
-@pytest.mark.parametrize("case", GOLDEN["templates"], ids=lambda c: f"{c['template']}-{bool(c['system'])}-{len(c['messages'])}")
+def _template_id(case: dict) -> str:
+    return f"{case['template']}-{'system' if case['system'] else 'nosystem'}-{len(case['messages'])}"
+
+
+@pytest.mark.parametrize("case", GOLDEN["templates"], ids=_template_id)
 def test_conversation_templates(case: dict) -> None:
     messages = [tuple(m) for m in case["messages"]]
     assert ds.format_messages(messages, case["template"], case["system"]) == case["text"]

@@ -60,7 +60,8 @@ def test_plain_rgb_from_path_bytes_and_stream(tmp_path: Path) -> None:
     (6, (32, 64), GREEN, RED),     # rotated 90 clockwise when shown: width and height swap
     (8, (32, 64), BLUE, GREEN),    # rotated 90 counter-clockwise
 ])
-def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int], top_left: tuple, top_right: tuple) -> None:
+def test_exif_orientation_is_applied(orientation: int, size: tuple[int, int], top_left: tuple,
+                                     top_right: tuple) -> None:
     image = open_image(jpeg_with_orientation(orientation))
     assert image.mode == "RGB" and image.size == size
     assert colour_at(image, 2, 2) == top_left
