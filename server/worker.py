@@ -68,6 +68,14 @@ class Job:
 
 
 class Scheduler(Protocol):
+    def start(self, preload: Iterable[str] = ()) -> None:
+        """Start serving (called when the server starts); `preload` names models to load first."""
+        ...
+
+    def stop(self) -> None:
+        """Cancel queued and running jobs and stop serving (called when the server stops)."""
+        ...
+
     def submit(self, request: Request) -> Job:
         """Queue `request`; raises `BusyError` when no slot is free. Must be called on the event loop."""
         ...

@@ -221,6 +221,15 @@ def test_responses_streamed_equals_non_streamed(client: openai.OpenAI, model: st
     assert events[-1].response.output[0].content[0].text == full.output_text
 
 
+def test_responses_stream_helper_accepts_a_completed_answer(client: openai.OpenAI) -> None:
+    # A completed (not capped) answer on demand: an Open WebUI task prompt, answered without the model.
+    task = ('### Task:\nGenerate a title.\n### Output:\nJSON format: { "title": "t" }\n'
+            "<chat_history>\nUSER: hi\nASSISTANT: Scanned Invoice\n</chat_history>")
+    with client.responses.stream(model="paddleocr-vl", input=task) as stream:
+        final = stream.get_final_response()  # raises unless response.completed arrived in a valid sequence
+    assert final.status == "completed" and json.loads(final.output_text) == {"title": "Scanned Invoice"}
+
+
 def test_responses_plain_string_input(client: openai.OpenAI) -> None:
     full = client.responses.create(model="deepseek-ocr", input="What is OCR?", max_output_tokens=3)
     assert full.object == "response" and full.usage.output_tokens == 3 and isinstance(full.output_text, str)
