@@ -1,0 +1,87 @@
+"""scripts/bench.py on the tiny checkpoints: the report's structure, never its timings (they depend on the machine)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts import bench
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = ("vision.prepare_inputs", "vision.compute_embeddings", "prompt.render", "prompt.build_tokens",
+          "decode.prefill", "decode.iterative", "decode.generate")
+RUN_FIELDS = ("load_s", "ttft_ms", "prompt_tokens", "completion_tokens", "prefill_tok_s", "decode_tok_s",
+              "vision_prefill_ms", "peak_rss_bytes", "active_bytes_per_token", "bandwidth_gb_s", "timings_ms")
+
+
+def _bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--max-new-tokens", "2",
+                           "--dtype", "float32", "--json", str(out), *args],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def _check_run(run: dict, prompt_tokens: int | None = None) -> None:
+    assert "error" not in run, run.get("error")
+    for key in RUN_FIELDS:
+        assert key in run, key
+    assert run["completion_tokens"] == 2  # ignore_eos: the fixed decode length
+    assert run["prompt_tokens"] > 0 and run["peak_rss_bytes"] > 0 and run["active_bytes_per_token"] > 0
+    assert run["ttft_ms"] > 0 and run["load_s"] > 0
+    assert run["timing_calls"]["decode.iterative"] == 1  # one step after the token the prefill gives
+    if prompt_tokens is not None:
+        assert run["prompt_tokens"] == prompt_tokens
+
+
+def test_deepseek_ours_only_without_reference_setup(tmp_path: Path, deepseek_tiny: Path) -> None:
+    stdout, data = _bench(tmp_path, "--model", "deepseek-ocr", "--backend", "torch", "--checkpoint",
+                          str(deepseek_tiny))
+    assert "--reference-code DIR --reference-python" in stdout  # how to set the reference up, then carry on
+    (run,) = data["runs"]
+    assert (run["model"], run["impl"], run["backend"], run["dtype"]) == ("deepseek-ocr", "ours", "torch", "float32")
+    _check_run(run)
+    assert set(STAGES) <= set(run["timings_ms"])
+    assert data["ratios"] == [] and data["max_new_tokens"] == 2
+    for key in ("platform", "chip", "mlx", "metal_available", "torch"):
+        assert key in data["platform"]
+    for header in ("load s", "TTFT ms", "prefill t/s", "decode t/s", "GB/s", "peak RSS GB", *STAGES):
+        assert header in stdout
+
+
+def test_paddle_with_transformers_reference(tmp_path: Path, paddle_tiny: Path) -> None:
+    pytest.importorskip("transformers")
+    stdout, data = _bench(tmp_path, "--model", "paddleocr-vl", "--checkpoint", str(paddle_tiny))
+    ours, ref = data["runs"]
+    assert (ours["impl"], ref["impl"]) == ("ours", "reference")
+    _check_run(ours)
+    _check_run(ref, prompt_tokens=ours["prompt_tokens"])  # the reference decodes the inputs we captured
+    assert ref["backend"].startswith("transformers ") and ref["versions"]["transformers"]
+    (ratio,) = data["ratios"]
+    for key in ("vision_prefill_speedup", "decode_speedup", "ttft_speedup", "load_speedup", "memory_ratio"):
+        assert ratio[key] is not None and ratio[key] > 0
+    assert "ours / reference" in stdout
+
+
+def test_active_weight_bytes_counts_what_a_decode_step_reads(tmp_path: Path) -> None:
+    """Decoder weights whole, routed experts at top-k/n, vision and the embedding lookup not at all."""
+    tensors = {"model.embed_tokens.weight": [100, 8], "model.sam_model.blocks.0.w": [50, 50],
+               "model.layers.0.self_attn.q_proj.weight": [8, 8],
+               "model.layers.1.mlp.experts.0.up_proj.weight": [16, 8],
+               "model.layers.1.mlp.experts.1.up_proj.weight": [16, 8],
+               "model.layers.1.mlp.shared_experts.up_proj.weight": [16, 8],
+               "model.norm.weight": [8], "lm_head.weight": [100, 8]}
+    header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
+                         for name, shape in tensors.items()}).encode()
+    (tmp_path / "model-00001-of-000001.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"language_config": {"n_routed_experts": 2, "num_experts_per_tok": 1}}))
+    active, params = bench.active_weight_bytes(tmp_path, "deepseek-ocr", "bfloat16")
+    # 64 attention + 2 x 128 experts x 1/2 + 128 shared + 8 norm + 800 head = 1128 elements of 2 bytes
+    assert active == 1128 * 2
+    assert params == 800 + 2500 + 64 + 3 * 128 + 8 + 800
+    assert bench.active_weight_bytes(tmp_path, "deepseek-ocr", "float32")[0] == 1128 * 4
