@@ -108,8 +108,10 @@ async def checked_addresses(host: str, port: int, resolver: Resolver, allow_priv
 
 def _pinned_request(url: httpx.URL, ip: IPAddress) -> httpx.Request:
     """A GET to `ip` that still names the original host (Host header, TLS SNI and certificate check)."""
-    host_header = url.host if url.port is None else f"{url.host}:{url.port}"
-    extensions = {"sni_hostname": url.host} if url.scheme == "https" else {}
+    host = url.raw_host.decode("ascii")  # punycode for international names, as on the wire
+    name = f"[{host}]" if ":" in host else host
+    host_header = name if url.port is None else f"{name}:{url.port}"
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
     return httpx.Request("GET", url.copy_with(host=str(ip)), headers={"Host": host_header, "Accept": "image/*"},
                          extensions=extensions)
 
@@ -143,7 +145,8 @@ async def _fetch(url: httpx.URL, client: httpx.AsyncClient, limits: FetchLimits,
     for _ in range(limits.max_redirects + 1):
         _validate_remote_url(url)
         port = url.port or (443 if url.scheme == "https" else 80)
-        addresses = await checked_addresses(url.host, port, resolver, limits.allow_private)
+        # The punycode name is resolved: the same name the Host header and TLS will carry.
+        addresses = await checked_addresses(url.raw_host.decode("ascii"), port, resolver, limits.allow_private)
         response = await client.send(_pinned_request(url, addresses[0]), stream=True, follow_redirects=False)
         try:
             if response.is_redirect:

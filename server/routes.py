@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger("deepseek_ocr.server")
 OPEN_PATHS = ("/health", "/health/ready", "/ready")
 _STAND_IN = Image.new("RGB", (1, 1))
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ Piece = TextPiece | Final
 # ------------------------------------------------------------------------------------------------ middleware
 async def start_request(request: HttpRequest) -> None:
     """Give every request an id (logs, 500 bodies, `x-request-id`) and check the API key when one is set."""
-    request.ctx.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
+    given = request.headers.get("x-request-id", "")
+    # A client's own id is kept (it ties their logs to ours) only if it cannot forge log lines or headers.
+    request.ctx.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
     request.ctx.started = time.perf_counter()
     key = request.app.ctx.state.api_key
     if key and request.path not in OPEN_PATHS:

@@ -239,3 +239,18 @@ def test_real_transport_fetches_through_the_pinned_address_only_when_private_url
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize("url, host_header, ip", [
+    ("http://[2606:4700::1]:8080/x.png", "[2606:4700::1]:8080", "2606:4700::1"),
+    ("http://bücher.example/x.png", "xn--bcher-kva.example", "8.8.8.8"),
+])
+def test_host_header_for_ipv6_literals_and_international_names(url: str, host_header: str, ip: str) -> None:
+    seen: list[tuple[str, str]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers["host"], request.url.host))
+        return httpx.Response(200, headers={"content-type": "image/png"}, content=png_bytes())
+
+    run_fetch(url, handler, {"xn--bcher-kva.example": ["8.8.8.8"]})
+    assert seen == [(host_header, ip)]
