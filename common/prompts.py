@@ -15,6 +15,7 @@ import jinja2
 import jinja2.sandbox
 from PIL import Image
 
+from .deepseek_ocr import format_messages
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ DEFAULT_PROMPTS: dict[str, str] = {
 #: user turn and an empty assistant turn, then `.strip()`). "plain" drops the roles: the prompt is the text.
 #: Both "deepseek" templates use the DeepSeek separator style; they differ only in the separator after the turn.
 DEEPSEEK_TEMPLATES: tuple[str, ...] = ("plain", "deepseek", "deepseekv2")
-_DEEPSEEK_SEPARATORS = {"deepseek": "\n\n", "deepseekv2": ""}
 
 TEXT_PART_TYPES = ("text", "input_text")
 IMAGE_PART_TYPES = ("image_url", "input_image", "image", "file", "input_file")
@@ -135,17 +135,12 @@ def fold_messages(messages: Sequence[dict[str, Any]], images_for_part: ImagesFor
 
 
 def render_deepseek(prompt: str, template: str = "plain") -> str:
-    """DeepSeek-OCR prompt text as the official `format_messages` builds it (placeholders kept for tokenizing).
-
-    "plain": the stripped prompt. "deepseek": `<|User|>: {prompt}\\n\\n<|Assistant|>:`; "deepseekv2": the same
-    without the blank line. The roles are those `infer()` puts in its conversation.
-    """
-    if template == "plain":
-        return prompt.strip()
-    if template in _DEEPSEEK_SEPARATORS:
-        return f"<|User|>: {prompt.strip()}{_DEEPSEEK_SEPARATORS[template]}<|Assistant|>:"
-    raise UserError(f"unknown template {template!r}; choose one of {', '.join(DEEPSEEK_TEMPLATES)}",
-                    param="template")
+    """DeepSeek-OCR prompt text as `infer()` builds it: one user turn and the empty assistant slot, rendered by
+    `deepseek_ocr.format_messages` (placeholders kept for tokenizing). "plain" is the stripped prompt."""
+    if template not in DEEPSEEK_TEMPLATES:
+        raise UserError(f"unknown template {template!r}; choose one of {', '.join(DEEPSEEK_TEMPLATES)}",
+                        param="template")
+    return format_messages([("<|User|>", prompt), ("<|Assistant|>", "")], template)
 
 
 def paddle_prompt_text(prompt: str) -> str:
