@@ -417,3 +417,22 @@ def test_moe_routes_only_the_top_k_experts(model: ds.DeepseekOCRForCausalLM) -> 
                 expected[t] += w * (h @ moe.experts.down_proj[e].T)
     assert ids.shape == (5, model.config.language.num_experts_per_tok)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_full_size_forward_shapes_on_meta() -> None:
+    """The real dimensions end to end without weights; bfloat16 on meta runs the CUDA grouped-GEMM checks."""
+    from common.model_config import DeepseekOCRConfig
+
+    reference = Path(__file__).resolve().parents[1] / "data" / "reference" / "deepseek-ocr" / "config.json"
+    cfg = DeepseekOCRConfig.from_file(reference)
+    with torch.device("meta"):
+        full = ds.DeepseekOCRForCausalLM(cfg).to(torch.bfloat16)
+    full.model.rope_inv_freq = ds.rope_inv_freq(cfg.language, "meta")
+    image = DeepseekOCRImage(global_view=np.zeros((3, 1024, 1024), np.float32),
+                             tiles=np.zeros((2, 3, 640, 640), np.float32), crop=(2, 1))
+    inputs = _inputs((image,), [483], [300])
+    embeds = full.encode_images(inputs)
+    assert embeds.shape == (483, cfg.n_embed) and embeds.dtype == torch.bfloat16
+    cache = full.make_cache(1, inputs.input_ids.size + 1)
+    assert full.prefill(inputs, embeds, cache).shape == (1, cfg.language.vocab_size)
+    assert full.step(torch.tensor([5]), torch.tensor([inputs.next_position]), cache).shape == (1, cfg.language.vocab_size)
