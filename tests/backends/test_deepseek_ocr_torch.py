@@ -435,4 +435,5 @@ def test_full_size_forward_shapes_on_meta() -> None:
     assert embeds.shape == (483, cfg.n_embed) and embeds.dtype == torch.bfloat16
     cache = full.make_cache(1, inputs.input_ids.size + 1)
     assert full.prefill(inputs, embeds, cache).shape == (1, cfg.language.vocab_size)
-    assert full.step(torch.tensor([5]), torch.tensor([inputs.next_position]), cache).shape == (1, cfg.language.vocab_size)
+    step = full.step(torch.tensor([5]), torch.tensor([inputs.next_position]), cache)
+    assert step.shape == (1, cfg.language.vocab_size)
