@@ -213,6 +213,19 @@ async def _pieces(job: Any, stops: tuple[str, ...]) -> AsyncIterator[Piece]:
     yield Final(finish, Usage(result.prompt_tokens, result.completion_tokens))
 
 
+async def _collect(pieces: AsyncIterator[Piece]) -> tuple[list[TextPiece], Final]:
+    """A whole non-streamed answer: its text pieces and the final piece."""
+    texts: list[TextPiece] = []
+    try:
+        async for piece in pieces:
+            if isinstance(piece, Final):
+                return texts, piece
+            texts.append(piece)
+    finally:
+        await pieces.aclose()  # runs the generator's cleanup now (cancels the job if the client left)
+    raise RuntimeError("the answer ended without a final piece")
+
+
 def _logprob_entries(tokens: tuple[GeneratedToken, ...], decode: Callable[[int], str], top_n: int
                      ) -> list[dict[str, Any]]:
     """Chat `logprobs.content[]` entries: token text, logprob, UTF-8 bytes, and the top alternatives."""
@@ -236,15 +249,10 @@ async def chat_completions(request: HttpRequest) -> HTTPResponse | None:
         return _logprob_entries(piece.tokens, decode, spec.top_logprobs) if decode else None
 
     if not spec.stream:
-        texts: list[str] = []
-        entries: list[dict[str, Any]] = []
-        async for piece in pieces:
-            if isinstance(piece, Final):
-                return json_response(fmt.completion("".join(texts), piece.finish_reason, piece.usage,
-                                                    entries if decode else None))
-            texts.append(piece.text)
-            entries.extend(logprobs(piece) or [])
-        raise RuntimeError("the answer ended without a final piece")
+        texts, final = await _collect(pieces)
+        entries = [e for piece in texts for e in logprobs(piece) or []] if decode else None
+        return json_response(fmt.completion("".join(p.text for p in texts), final.finish_reason, final.usage,
+                                            entries))
 
     first = await pieces.__anext__()  # errors before any text keep their HTTP status
     response = await request.respond(content_type="text/event-stream", headers=_SSE_HEADERS)
@@ -278,13 +286,9 @@ async def responses(request: HttpRequest) -> HTTPResponse | None:
                           metadata=spec.extras.get("metadata") or {})
 
     if not spec.stream:
-        texts: list[str] = []
-        async for piece in pieces:
-            if isinstance(piece, Final):
-                status = "incomplete" if piece.finish_reason == "length" else "completed"
-                return json_response(fmt.response(status, "".join(texts), piece.usage))
-            texts.append(piece.text)
-        raise RuntimeError("the answer ended without a final piece")
+        texts, final = await _collect(pieces)
+        status = "incomplete" if final.finish_reason == "length" else "completed"
+        return json_response(fmt.response(status, "".join(p.text for p in texts), final.usage))
 
     first = await pieces.__anext__()
     response = await request.respond(content_type="text/event-stream", headers=_SSE_HEADERS)
