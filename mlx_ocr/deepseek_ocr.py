@@ -153,7 +153,10 @@ class SamPatchEmbed(nn.Module):
 
 
 class SamEncoder(nn.Module):
-    """SAM ViT-B with neck and two stride-2 convs (`deepencoder.ImageEncoderViT`): (B, S, S, 3) -> (B, S/64, S/64, C3)."""
+    """SAM ViT-B with neck and two stride-2 convs (`deepencoder.ImageEncoderViT`).
+
+    Channels-last: (B, S, S, 3) -> (B, S/64, S/64, C3).
+    """
 
     def __init__(self, cfg: SamConfig) -> None:
         super().__init__()
@@ -561,13 +564,15 @@ EXPERT_PROJECTIONS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 # What `--quantize` touches: the decoder (embeddings, attention, MLPs, routed experts, head). The router,
 # norms, vision towers, projector and layout vectors stay float.
 QUANTIZE_PREFIXES: tuple[str, ...] = ("model.layers.", "model.embed_tokens", "lm_head")
+# Added by `quantize_vision`: the towers' and projector's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("model.sam_model.", "model.vision_model.", "model.projector.")
 
 
 def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Original checkpoint tensors -> module tensors. Consumes the per-expert entries of `weights`.
 
-    `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight` become `model.layers.N.mlp.experts.{gate,up,down}_proj.weight`
-    stacked over E ((E, I, D), (E, I, D), (E, D, I)); conv weights (O, I, kh, kw) become (O, kh, kw, I).
+    `model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight` become
+    `model.layers.N.mlp.experts.{gate,up,down}_proj.weight` stacked over E ((E, I, D), (E, I, D), (E, D, I)); conv weights (O, I, kh, kw) become (O, kh, kw, I).
     """
     for old, new in RENAMES:
         if old in weights:
@@ -595,11 +600,13 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfloat16", device: str = "cpu",
-         quantize: int | None = None, group_size: int = 64) -> DeepseekOCRForCausalLM:
+         quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> DeepseekOCRForCausalLM:
     """Build from config.json, read the original checkpoint (lazily: one copy) and assign it strictly.
 
-    `quantize` 4 or 8 quantizes the decoder after loading. A converted snapshot (config.json carries the
-    quantization marker) is already in module layout and quantized: it skips `sanitize` and loads as saved.
+    `quantize` 4 or 8 quantizes the decoder after loading (`quantize_vision` adds the towers and projector).
+    A converted snapshot (config.json carries the quantization marker) is already in module layout and
+    quantized: it skips `sanitize` and loads as saved.
     """
     if quantize:
         quantization.check_options(quantize, group_size)
@@ -611,7 +618,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     if marker is None:
         assign_strict(model, sanitize(tensors))
         if quantize:
-            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=QUANTIZE_PREFIXES)
+            prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
+            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
     else:
         quantization.apply_marker(model, marker, tensors)
         assign_strict(model, tensors)

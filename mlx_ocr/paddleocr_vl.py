@@ -355,6 +355,8 @@ SKIP_PREFIXES: tuple[str, ...] = (
 
 # What `--quantize` touches: the decoder (embeddings, layers, head). The vision tower and projector stay float.
 QUANTIZE_PREFIXES: tuple[str, ...] = ("model.", "lm_head")
+# Added by `quantize_vision`: the towers' and projector's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("visual.", "mlp_AR.")
 
 
 def is_skipped(name: str) -> bool:
@@ -376,11 +378,13 @@ def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfloat16", device: str = "cpu",
-         quantize: int | None = None, group_size: int = 64) -> PaddleOCRVL:
+         quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> PaddleOCRVL:
     """Build from config.json and assign the original safetensors strictly (lazily: one copy of the weights).
 
-    `quantize` 4 or 8 quantizes the decoder after loading. A converted snapshot (config.json carries the
-    quantization marker) is already in module layout and quantized: it skips `sanitize` and loads as saved.
+    `quantize` 4 or 8 quantizes the decoder after loading (`quantize_vision` adds the towers and projector).
+    A converted snapshot (config.json carries the quantization marker) is already in module layout and
+    quantized: it skips `sanitize` and loads as saved.
     """
     if quantize:
         quantization.check_options(quantize, group_size)
@@ -392,7 +396,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     if marker is None:
         assign_strict(model, sanitize(tensors))
         if quantize:
-            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=QUANTIZE_PREFIXES)
+            prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
+            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
     else:
         quantization.apply_marker(model, marker, tensors)
         assign_strict(model, tensors)

@@ -55,6 +55,8 @@ def check_options(bits: int, group_size: int, source: str = "--quantize") -> Non
 def _quantizable(path: str, module: nn.Module, prefixes: tuple[str, ...], group_size: int) -> bool:
     if not hasattr(module, "to_quantized") or not path.startswith(prefixes):
         return False
+    if isinstance(module, nn.Embedding) and not path.endswith("embed_tokens"):
+        return False  # position tables are read whole and resized, not looked up: they stay float
     return module.weight.shape[-1] % group_size == 0
 
 
@@ -88,12 +90,12 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, *,
-            kind: str | None = None, dtype: str = "bfloat16") -> dict[str, int]:
+            kind: str | None = None, dtype: str = "bfloat16", vision: bool = False) -> dict[str, int]:
     """Write a pre-quantized snapshot of an original checkpoint directory; returns weight bytes before/after.
 
     The output directory holds the other snapshot files unchanged, `model.safetensors` in MLX module layout
     and config.json with the quantization marker. `kind` ("deepseek-ocr" | "paddleocr-vl") is read from
-    config.json's `model_type` when not given.
+    config.json's `model_type` when not given; `vision` also quantizes the vision towers and projector.
     """
     check_options(bits, group_size)
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -103,7 +105,8 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
     module = _model_module(kind or _kind_of(raw, model_dir))
     model = module.load(model_dir / "config.json", model_dir, dtype=dtype, device="cpu")
     before = weight_bytes(model)
-    quantize_model(model, bits=bits, group_size=group_size, prefixes=module.QUANTIZE_PREFIXES)
+    prefixes = module.QUANTIZE_PREFIXES + (module.VISION_PREFIXES if vision else ())
+    quantize_model(model, bits=bits, group_size=group_size, prefixes=prefixes)
     after = weight_bytes(model)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")

@@ -47,7 +47,8 @@ def report(name: str, ours: mx.array, theirs: mx.array) -> float:
     rel = float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-30))
     extra = ""
     if a.ndim >= 1 and a.shape[-1] > 1000:  # logits: does the greedy token agree?
-        extra = f"  argmax {'same' if a.reshape(-1, a.shape[-1]).argmax(-1).tolist() == b.reshape(-1, b.shape[-1]).argmax(-1).tolist() else 'DIFFERS'}"
+        same = np.array_equal(a.reshape(-1, a.shape[-1]).argmax(-1), b.reshape(-1, b.shape[-1]).argmax(-1))
+        extra = f"  argmax {'same' if same else 'DIFFERS'}"
     print(f"{name:40s} rel max diff {rel:.2e}  {'match' if rel < MATCH else 'DIFFERS'}{extra}")
     return rel
 

@@ -149,3 +149,14 @@ def test_bad_options_are_user_errors(case: Case) -> None:
         case.load(quantize=3)
     with pytest.raises(UserError, match="group size"):
         case.load(quantize=4, group_size=48)
+
+
+def test_vision_quantized_only_when_asked(case: Case) -> None:
+    model = case.load(quantize=8, group_size=32, quantize_vision=True)
+    quantized, _ = _quantized_paths(model)
+    vision = [p for p in quantized if p.startswith(case.module.VISION_PREFIXES)]
+    assert vision, "the towers' linears are quantized with quantize_vision"
+    logits, _ = _greedy(model, case.inputs, EOS[case.kind])
+    corr = float(np.corrcoef(logits.ravel(), case.float_logits.ravel())[0, 1])
+    print(f"\n{case.kind} 8-bit g32 with vision: {q.weight_bytes(model) / 2**20:.1f} MiB, corr {corr:.5f}")
+    assert corr > 0.99
