@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import json
 import resource
 import sys
@@ -125,13 +126,16 @@ def _stub_torchvision() -> None:
         import torchvision  # noqa: F401, PLC0415
         return
     except Exception:  # noqa: BLE001 - missing, or the wheel that does not load beside CPU torch
-        pass
+        sys.modules.pop("torchvision", None)
+    import transformers.modeling_utils  # noqa: F401, PLC0415 - its package probes run before the stub exists
 
     def unused(*_: Any, **__: Any) -> Any:
         raise RuntimeError("torchvision is stubbed in the bench harness; infer() is not supported here")
 
-    root, transforms, functional = (types.ModuleType(n) for n in
-                                    ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"))
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+    root, transforms, functional = (types.ModuleType(n) for n in names)
+    for module in (root, transforms, functional):  # importlib.util.find_spec refuses a module without a spec
+        module.__spec__ = importlib.machinery.ModuleSpec(module.__name__, None)
     transforms.ToTensor = transforms.Normalize = transforms.Compose = unused
     functional.InterpolationMode = types.SimpleNamespace(BICUBIC="bicubic", BILINEAR="bilinear", NEAREST="nearest")
     root.transforms, transforms.functional = transforms, functional
