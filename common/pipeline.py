@@ -31,6 +31,7 @@ from PIL import Image
 from . import deepseek_ocr, paddleocr_vl
 from .backend import LoadedModel, LoadModel
 from .errors import ModelFilesError, UserError
+from .model_config import DeepseekOCRConfig, PaddleOCRVLConfig
 from .generation import GeneratedToken, GenerationOptions
 from .images import to_rgb
 from .prompts import paddle_prompt_text, render_deepseek
@@ -93,6 +94,7 @@ class _Resident:
     generation_config: dict[str, Any]
     chat_template: str | None = None                   # PaddleOCR-VL only
     preprocessor: dict[str, Any] = field(default_factory=dict)
+    max_positions: int | None = None                   # the decoder's max_position_embeddings
 
 
 class _TimedEncoder:
@@ -196,6 +198,12 @@ class Pipeline:
         decodes logprob ids with it)."""
         return self._resident(model_id or self.settings.active_model).tokenizer
 
+    def loaded_tokenizer(self, model_id: str) -> Tokenizer | None:
+        """The tokenizer of `model_id` if it is resident, else None. Never loads and never waits for a load in
+        progress (a plain dict read), so the server's event loop may call it."""
+        resident = self._models.get(model_id)
+        return resident.tokenizer if resident is not None else None
+
     def _resident(self, model_id: str) -> _Resident:
         with self._lock:
             if model_id in self._models:
@@ -227,7 +235,7 @@ class Pipeline:
             model_id=model_id, model=model, tokenizer=tokenizer,
             stop_ids=_eos_ids(generation_config, tokenizer),
             guard_exempt_ids=tuple(i for t in GUARD_EXEMPT_TOKENS if (i := tokenizer.token_to_id(t)) is not None),
-            generation_config=generation_config)
+            generation_config=generation_config, max_positions=_max_positions(model_id, Path(files.config)))
         if not resident.stop_ids:
             log.warning("%s: no EOS id in the tokenizer or generation_config.json; answers end at the cap", model_id)
         if model_id == "paddleocr-vl":
@@ -309,6 +317,7 @@ class Pipeline:
         inference, options = self._options(resident, request.overrides)
         timings = Timings()
         inputs = self._build_inputs(resident, request, inference, timings)
+        options = _fit_context(options, int(len(inputs.input_ids)), resident.max_positions)
         decoder = resident.tokenizer.incremental_decoder()
         stops = () if options.ignore_eos else options.stop_token_ids
         generated: list[GeneratedToken] = []
@@ -354,6 +363,25 @@ class Pipeline:
                 result = event
         assert result is not None  # stream always ends with a Result
         return result
+
+
+def _max_positions(model_id: str, config_path: Path) -> int:
+    """The decoder's context length from config.json (the KV cache is sized from it per request)."""
+    if model_id == "deepseek-ocr":
+        return DeepseekOCRConfig.from_file(config_path).language.max_position_embeddings
+    return PaddleOCRVLConfig.from_file(config_path).text.max_position_embeddings
+
+
+def _fit_context(options: GenerationOptions, prompt_tokens: int, max_positions: int | None) -> GenerationOptions:
+    """Refuse a prompt longer than the model's context; shorten `max_new_tokens` to what still fits (the answer
+    then ends with finish_reason "length", as when the cap is reached)."""
+    if max_positions is None:
+        return options
+    if prompt_tokens >= max_positions:
+        raise UserError(f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
+                        f"{max_positions}; use fewer or smaller images (e.g. a smaller --mode)", param="prompt")
+    room = max_positions - prompt_tokens
+    return dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, room))
 
 
 def _with_task(prompt: str, task_text: str) -> str:

@@ -51,9 +51,8 @@ class ServerState:
         """id -> text for logprob entries, looked up at each call: the model may still be loading when the
         request starts, and it is resident once it has produced tokens."""
         def decode(token_id: int) -> str:
-            # The pipeline exposes no tokenizer accessor; its resident table is only read from here.
-            resident = self.pipeline._models.get(model_id)  # noqa: SLF001
-            return resident.tokenizer.decode([token_id]) if resident is not None else ""
+            tokenizer = self.pipeline.loaded_tokenizer(model_id)
+            return tokenizer.decode([token_id]) if tokenizer is not None else ""
         return decode
 
 

@@ -319,3 +319,16 @@ def test_non_rgb_images_are_converted_like_the_official_loader(settings: Any) ->
     pipe.run(Request("<image>\nx", [rgba.convert("RGB")], overrides={"mode": "tiny"}))
     (a, _), (b, _) = loader.models["deepseek-ocr"].calls
     assert (a.images[0].global_view == b.images[0].global_view).all()
+
+
+def test_context_limit_refuses_long_prompts_and_shortens_the_cap() -> None:
+    from common.errors import UserError
+    from common.generation import GenerationOptions
+    from common.pipeline import _fit_context
+
+    options = GenerationOptions(max_new_tokens=512)
+    assert _fit_context(options, 100, 8192).max_new_tokens == 512
+    assert _fit_context(options, 8000, 8192).max_new_tokens == 192
+    assert _fit_context(options, 100, None).max_new_tokens == 512
+    with pytest.raises(UserError, match="8192"):
+        _fit_context(options, 8192, 8192)
