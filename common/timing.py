@@ -55,3 +55,26 @@ class Timings:
             avg = total / count if count else 0.0
             lines.append(f"{name:<28}{count:>7}{total:>12.1f}{avg:>10.2f}")
         return "\n".join(lines)
+
+
+class LoopClock:
+    """Wall time spent inside the loop, excluding the time the consumer holds a yielded token."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self._since: float | None = time.perf_counter()
+        self._lap = 0.0
+
+    def pause(self) -> None:
+        if self._since is not None:
+            self.total += time.perf_counter() - self._since
+            self._since = None
+
+    def resume(self) -> None:
+        self._since = time.perf_counter()
+
+    def lap(self) -> float:
+        """Milliseconds of loop time since the previous lap."""
+        now = self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
+        elapsed, self._lap = now - self._lap, now
+        return elapsed * 1000.0

@@ -7,39 +7,15 @@ and PaddleOCR-VL share this loop. Tensors are batch-first throughout (history (B
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from common.generation import GeneratedToken, GenerationOptions, PromptInputs, TokenLogprob
-from common.timing import Timings
+from common.timing import LoopClock, Timings
 
 from .sampling import Processor, Sampler, make_processors, make_sampler
-
-
-class _Clock:
-    """Wall time spent inside the loop, excluding the time the consumer holds a yielded token."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self._since: float | None = time.perf_counter()
-        self._lap = 0.0
-
-    def pause(self) -> None:
-        if self._since is not None:
-            self.total += time.perf_counter() - self._since
-            self._since = None
-
-    def resume(self) -> None:
-        self._since = time.perf_counter()
-
-    def lap(self) -> float:
-        """Milliseconds of loop time since the previous lap."""
-        now = self.total + (time.perf_counter() - self._since if self._since is not None else 0.0)
-        elapsed, self._lap = now - self._lap, now
-        return elapsed * 1000.0
 
 
 @dataclass
@@ -95,7 +71,7 @@ def generate(model: Any, inputs: PromptInputs, options: GenerationOptions, timin
         return
     processors, sampler = make_processors(options.sampling), make_sampler(options.sampling)
     stop_ids = frozenset(() if options.ignore_eos else options.stop_token_ids)
-    clock = _Clock()
+    clock = LoopClock()
     try:
         with timings.measure("vision.compute_embeddings"), torch.inference_mode():
             image_embeds = model.encode_images(inputs)
