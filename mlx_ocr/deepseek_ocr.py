@@ -6,8 +6,7 @@ Exact to the official remote code (`deepencoder.py`: `ImageEncoderViT`, `Block`,
 Framework differences, all numerically equivalent: images run channels-last (MLX convolutions), position tables
 are resized by fixed linear maps equal to PyTorch's `F.interpolate` (MLX has no antialiased bicubic), the decoder
 RoPE is `mx.fast.rope` (half-split form), and the routed experts are mlx-lm's `SwitchGLU` (gather_mm: only the
-chosen experts are computed), stacked per projection by `sanitize`. As in torch_ocr, SAM's decomposed rel-pos
-bias is folded into augmented queries/keys instead of a materialised (L, L) bias.
+chosen experts are computed), stacked per projection by `sanitize`.
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from common.deepseek_ocr import DeepseekOCRInputs
-from common.errors import CheckpointError
+from common.errors import CheckpointError, UserError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from . import quantize as quantization
@@ -31,6 +30,7 @@ from .loader import (DTYPES, assign_strict, checkpoint_files, interpolation_matr
 NECK_KERNEL = 3
 DOWNSAMPLE_STRIDE = 2
 QUICK_GELU_SCALE = 1.702
+RGB_CHANNELS = 3  # both patch convs read RGB pixels
 
 
 # ----------------------------------------------------------------------------------------------- SAM leaves
@@ -73,17 +73,10 @@ class SamAttention(nn.Module):
         grid_q = q.reshape(b, self.heads, h, w, self.head_dim)
         rel_h = mx.einsum("bnhwc,hkc->bnhwk", grid_q, relative_table(self.rel_pos_h, h))
         rel_w = mx.einsum("bnhwc,wkc->bnhwk", grid_q, relative_table(self.rel_pos_w, w))
-        # Folding the bias into the dot product: [q*s, rel_h, rel_w] . [k, onehot(kh), onehot(kw)] =
-        # s*q.k + rel_h[kh] + rel_w[kw]. No (HW, HW) bias is materialised.
-        rows = np.arange(h * w)
-        onehot_h = mx.broadcast_to(mx.array(np.eye(h, dtype=np.float32)[rows // w]).astype(k.dtype),
-                                   (b, self.heads, h * w, h))
-        onehot_w = mx.broadcast_to(mx.array(np.eye(w, dtype=np.float32)[rows % w]).astype(k.dtype),
-                                   (b, self.heads, h * w, w))
-        q_aug = mx.concatenate([q * self.head_dim ** -0.5, rel_h.reshape(b, self.heads, h * w, h),
-                                rel_w.reshape(b, self.heads, h * w, w)], axis=-1)
-        k_aug = mx.concatenate([k, onehot_h, onehot_w], axis=-1)
-        out = mx.fast.scaled_dot_product_attention(q_aug, k_aug, v, scale=1.0)
+        # Materialised (HW, HW) additive bias, as the official code (and torch_ocr): with head_dim intact the
+        # Metal SDPA kernel still applies, where bias-folded wider q/k would not.
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, self.heads, h * w, h * w)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=bias)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, h, w, c))
 
 
@@ -146,7 +139,7 @@ class SamBlock(nn.Module):
 class SamPatchEmbed(nn.Module):
     def __init__(self, cfg: SamConfig) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.proj = nn.Conv2d(RGB_CHANNELS, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def __call__(self, pixels: mx.array) -> mx.array:
         return self.proj(pixels)  # channels-last in and out: (B, G, G, C)
@@ -231,7 +224,8 @@ class ClipEmbeddings(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.class_embedding = mx.zeros((cfg.width,))
-        self.patch_embedding = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(RGB_CHANNELS, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                         bias=False)
         self.position_embedding = nn.Embedding(cfg.grid ** 2 + 1, cfg.width)
         self.grid = cfg.grid
 
@@ -608,6 +602,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     A converted snapshot (config.json carries the quantization marker) is already in module layout and
     quantized: it skips `sanitize` and loads as saved.
     """
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
     if quantize:
         quantization.check_options(quantize, group_size)
     resolve_device(device)

@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from common.errors import UserError
 from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisionConfig
 from common.paddleocr_vl import PaddleOCRVLInputs
 
@@ -263,14 +264,23 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._tables: tuple[mx.array, mx.array] | None = None
+
+    def _rope_tables(self) -> tuple[mx.array, mx.array]:
+        """inv_freq (Dh/2,) and the axis (0 t, 1 h, 2 w) of each frequency slot, computed once (MLX has one
+        default device, so one copy; `_` keeps them out of the parameters)."""
+        if self._tables is None:
+            cfg = self.config
+            inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, cfg.head_dim, 2, dtype=mx.float32) / cfg.head_dim))
+            axis = mx.array(np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section))
+            self._tables = (inv_freq, axis)
+        return self._tables
 
     def rope(self, positions: mx.array, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """M-RoPE cos/sin (B, 1, L, Dh) from positions (3, B, L): frequency slot k reads the t, h or w position
         by contiguous sections (mrope_section), then the halves repeat; cast to the model dtype as the reference."""
-        cfg = self.config
-        inv_freq = 1.0 / (cfg.rope_theta ** (mx.arange(0, cfg.head_dim, 2, dtype=mx.float32) / cfg.head_dim))
-        axis = np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section)
-        chosen = positions.astype(mx.float32)[mx.array(axis)]  # (Dh/2, B, L): each slot's axis
+        inv_freq, axis = self._rope_tables()
+        chosen = positions.astype(mx.float32)[axis]  # (Dh/2, B, L): each slot's axis
         freqs = chosen.transpose(1, 2, 0) * inv_freq  # (B, L, Dh/2)
         emb = mx.concatenate([freqs, freqs], axis=-1)[:, None]
         return mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype)
@@ -386,6 +396,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     A converted snapshot (config.json carries the quantization marker) is already in module layout and
     quantized: it skips `sanitize` and loads as saved.
     """
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
     if quantize:
         quantization.check_options(quantize, group_size)
     resolve_device(device)

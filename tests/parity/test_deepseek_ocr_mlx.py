@@ -5,7 +5,7 @@ the same prefill logits (1e-4 relative to the largest logit) and the same greedy
 exercise every table resize (SAM grids 32 / 40 / 64, CLIP 8 / 10 / 16), window padding, tiling, the image
 kinds of the preprocessing goldens and two images in one prompt; then component checks, the resize maps
 against `F.interpolate`, strict loading and cache equivalence. Views stay at 512/640 where they can: MLX's CPU
-matmul is slow, and a 1024 view (4096-token global attention) is one case only.
+matmul is slow, and a 1024 view (4096-token global attention, the default mode) is one case only.
 """
 from __future__ import annotations
 
@@ -105,13 +105,11 @@ CASES = [
     ("crop_tiled_rgba_base512", FREE_OCR, [("rgba", 900, 420, 4)], 512, 640, True),
     ("two_images_nocrop_512", "<image>\n<image>\nCompare.", [("rgb", 120, 330, 5), ("gray", 640, 90, 6)],
      512, 512, False),
-    pytest.param("crop_tiled_base1024", FREE_OCR, [("rgb", 1000, 560, 7)], 1024, 640, True,
-                 marks=pytest.mark.slow, id="crop_tiled_base1024"),
+    ("crop_tiled_base1024", FREE_OCR, [("rgb", 1000, 560, 7)], 1024, 640, True),  # the default mode
 ]
 
 
-@pytest.mark.parametrize("name, prompt, images, base, size, crop", CASES,
-                         ids=[c[0] if isinstance(c, tuple) else c.id for c in CASES])
+@pytest.mark.parametrize("name, prompt, images, base, size, crop", CASES, ids=[c[0] for c in CASES])
 def test_prefill_logits_and_greedy_ids_equal_torch(env: Env, name: str, prompt: str, images: list, base: int,
                                                    size: int, crop: bool) -> None:
     inputs = env.inputs(prompt, [_image(*spec) for spec in images], base=base, size=size, crop=crop)
