@@ -10,9 +10,8 @@ them from a garbage-collection finaliser, outside any lock.
 
 Usage:
     images = render_pdf("doc.pdf", pages="1-3,5")           # a list of PIL images, in the order asked for
-    with open_pdf(data) as doc:                              # page by page, one image in memory at a time
-        for number in doc.select("2-"):
-            image = doc.render(number, dpi=200)
+    for number, image in iter_pages(data, "2-", dpi=200):   # one page in memory at a time
+        ...
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import math
 import os
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 from PIL import Image
 
@@ -235,3 +234,39 @@ def render_pdf(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_D
             raise ImageError(f"{len(numbers)} pages of {doc.name} would be {total} pixels at {dpi} dpi, over the "
                              f"limit of {max_total_pixels}; select fewer pages or use a lower dpi")
         return [doc.render(number, dpi, max_pixels) for number in numbers]
+
+
+def iter_pages(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_DPI, *,
+               password: str | None = None, max_pages: int = MAX_PAGES, max_pixels: int = MAX_PAGE_PIXELS,
+               progress: bool = False, label: str = "pages") -> Iterator[tuple[int, Image.Image]]:
+    """(page number, RGB image) for each selected page, rendered only when asked for: the way to OCR a long
+    document page by page.
+
+    The document is opened and the selection checked before this returns, so a bad file or range fails at
+    once; it is closed when the iterator ends or is closed. `progress` shows a tqdm bar on stderr (silenced by
+    TQDM_DISABLE=1) that advances when the caller asks for the next page, i.e. after it has used the last one.
+    """
+    dpi = check_dpi(dpi)
+    doc = open_pdf(source, password=password)
+    try:
+        numbers = doc.select(pages, max_pages)
+    except BaseException:
+        doc.close()
+        raise
+    return _pages(doc, numbers, dpi, max_pixels, progress, label)
+
+
+def _pages(doc: PdfFile, numbers: list[int], dpi: int, max_pixels: int, progress: bool,
+           label: str) -> Iterator[tuple[int, Image.Image]]:
+    import sys  # noqa: PLC0415
+
+    from tqdm import tqdm  # noqa: PLC0415 - only when pages are read
+
+    # `disable` is left unset when a bar is wanted: an explicit value would override TQDM_DISABLE.
+    quiet = {} if progress else {"disable": True}
+    try:
+        with tqdm(numbers, desc=label, unit="page", file=sys.stderr, **quiet) as bar:
+            for number in bar:
+                yield number, doc.render(number, dpi, max_pixels)
+    finally:
+        doc.close()
