@@ -26,8 +26,10 @@ from common.errors import ConfigError, UserError
 MARKER_KEY = "quantization"
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-# Snapshot files copied as they are (tokenizer, templates, preprocessing); weights and config.json are rewritten.
-_SKIPPED_FILES = (".safetensors", ".safetensors.index.json", "config.json", ".complete")
+# Snapshot files NOT copied as they are: the weights and config.json are rewritten; the rest (tokenizer,
+# templates, preprocessing and generation configs) is copied unchanged.
+_REWRITTEN_SUFFIXES = (".safetensors", ".safetensors.index.json")
+_REWRITTEN_NAMES = ("config.json", ".complete")
 
 
 def read_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -112,7 +114,7 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
         raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
-        if path.is_file() and not path.name.endswith(_SKIPPED_FILES):
+        if path.is_file() and path.name not in _REWRITTEN_NAMES and not path.name.endswith(_REWRITTEN_SUFFIXES):
             shutil.copy2(path, output_dir / path.name)
     mx.save_safetensors(str(output_dir / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
@@ -139,3 +141,27 @@ def _model_module(kind: str):
         from . import paddleocr_vl
         return paddleocr_vl
     raise UserError(f"unknown model kind {kind!r} (deepseek-ocr or paddleocr-vl)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mlx_ocr.quantize MODEL_DIR OUTPUT_DIR --bits 4`: write a converted snapshot, print the sizes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a pre-quantized MLX snapshot of an original checkpoint.")
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--bits", type=int, choices=BITS, default=4)
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
+    parser.add_argument("--vision", action="store_true", help="also quantize the vision towers and projector")
+    args = parser.parse_args(argv)
+    try:
+        sizes = convert(args.model_dir, args.output_dir, args.bits, args.group_size, vision=args.vision)
+    except UserError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"weights {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB in {args.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

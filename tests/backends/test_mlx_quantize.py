@@ -131,7 +131,10 @@ def test_converted_snapshot_round_trips(case: Case, tmp_path: Path) -> None:
     print(f"\n{case.kind} convert 4-bit g32: {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB")
     config = json.loads((out / "config.json").read_text())
     assert config[q.MARKER_KEY] == {"bits": 4, "group_size": 32, "mode": "affine"}
-    assert (out / "tokenizer.json").is_file() and not list(out.glob("*.index.json"))
+    copied = {p.name for p in case.snapshot.iterdir()} - {"config.json", ".complete"}
+    copied = {n for n in copied if not n.endswith((".safetensors", ".safetensors.index.json"))}
+    assert copied and copied <= {p.name for p in out.iterdir()}  # tokenizer, preprocessor, generation configs
+    assert not list(out.glob("*.index.json"))
     # Loading must skip sanitize (a second conv transpose would fail the strict shape check) and equal
     # load-time quantization exactly.
     converted = case.module.load(out / "config.json", out, dtype="float32", device="cpu")
