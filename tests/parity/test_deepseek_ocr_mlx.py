@@ -308,3 +308,18 @@ def test_cpu_low_precision_expert_path_equals_gather_mm(env: Env) -> None:
     _, ids = env.mlx.model.layers[1].mlp.gate(x)
     np.testing.assert_allclose(np.array(experts._each_expert(x, ids)),
                                np.array(super(md.RoutedExperts, experts).__call__(x, ids)), atol=1e-5)
+
+
+def test_resolve_device_and_dtype_errors(deepseek_tiny: Path) -> None:
+    from common.errors import UserError
+    from mlx_ocr.loader import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and mx.default_device() == mx.cpu
+    if not mx.metal.is_available():
+        with pytest.raises(UserError, match="Metal"):
+            resolve_device("metal")
+    with pytest.raises(UserError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(UserError, match="unknown dtype"):
+        md.load(deepseek_tiny / "config.json", deepseek_tiny, dtype="float64", device="cpu")
+    mx.set_default_device(mx.cpu)

@@ -217,3 +217,13 @@ def test_load_skips_unused_groups_and_moves_the_patch_conv_channels_last(env: En
     np.testing.assert_array_equal(np.array(weight), ref.transpose(0, 2, 3, 1))
     names = {name for name, _ in tree_flatten(env.mlx.parameters())}
     assert not any(name.startswith(mp.SKIP_PREFIXES) for name in names)
+
+
+def test_load_bfloat16_runs_close_to_float32(env: Env, paddle_tiny: Path) -> None:
+    model = mp.load(paddle_tiny / "config.json", paddle_tiny, dtype="bfloat16", device="cpu")
+    assert model.dtype == mx.bfloat16
+    inputs = env.inputs([_noise(200, 80, 18)])
+    low = np.array(model.prefill(inputs, model.encode_images(inputs), None))
+    high = np.array(env.mlx.prefill(inputs, env.mlx.encode_images(inputs), None))
+    assert low.dtype == np.float32 and np.isfinite(low).all()
+    assert np.corrcoef(low.ravel(), high.ravel())[0, 1] > 0.99
