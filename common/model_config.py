@@ -163,6 +163,7 @@ class DeepseekV2Config:
 IGNORED_DEEPSEEK_OCR_KEYS = {
     "_name_or_path", "architectures", "auto_map", "candidate_resolutions", "global_view_pos", "tile_tag",
     "torch_dtype", "transformers_version", "model_type", "language_config",
+    "quantization",  # marker of a converted (quantized) snapshot, read by the MLX loader
 }
 
 
@@ -307,7 +308,7 @@ IGNORED_PADDLEOCR_VL_KEYS = {
     "ignored_index", "max_sequence_length", "model_type", "pad_token_id", "rope_is_neox_style", "sliding_window",
     "torch_dtype", "use_3d_rope", "use_cache", "use_flash_attention", "weight_share_add_bias",
     "transformers_version", "_name_or_path", "bos_token_id", "eos_token_id", "rope_scaling", "vision_config",
-    "text_config",
+    "text_config", "quantization",
 }
 
 
