@@ -30,7 +30,7 @@ from PIL import Image
 from .config import INFERENCE_RULES, InvalidValue, Settings, check_value, load_settings
 from .errors import UserError
 from .images import open_image
-from .pdf import DEFAULT_DPI, PdfSource, is_pdf, is_pdf_file, iter_pages
+from .pdf import DEFAULT_DPI, PageReader, PdfSource, is_pdf, is_pdf_file, iter_pages
 from .pipeline import REQUEST_ONLY_KEYS, Pipeline, Request, Result, TextDelta
 from .prompts import DEFAULT_PROMPTS, IMAGE_PLACEHOLDER, check_placeholders
 
@@ -135,7 +135,7 @@ class OCR:
         pages_iter = iter_pages(source, pages, dpi, password=password, progress=progress, label=label)
         return self._pdf_results(pages_iter, text, request_overrides, cancel)
 
-    def _pdf_results(self, pages_iter: Iterator[tuple[int, Image.Image]], text: str, overrides: dict[str, Any],
+    def _pdf_results(self, pages_iter: PageReader, text: str, overrides: dict[str, Any],
                      cancel: threading.Event | None) -> Iterator[tuple[int, Result]]:
         try:
             for number, image in pages_iter:
@@ -145,7 +145,7 @@ class OCR:
                 if cancel is not None and cancel.is_set():
                     return
         finally:
-            pages_iter.close()  # type: ignore[attr-defined] - a generator: closes the PDF now
+            pages_iter.close()  # the PDF is closed now, even when the caller stops early
 
     # ------------------------------------------------------------------------------------------ helpers
     def _request(self, images: ImageInput | Sequence[ImageInput] | None, prompt: str | None,

@@ -36,6 +36,8 @@ Examples:
   deepseek-ocr-cli --image page.png --prompt "<image>\\nLocate <|ref|>the total<|/ref|> in the image."
   deepseek-ocr-cli --model paddleocr-vl --image table.png --task table
   deepseek-ocr-cli --prompt "What is OCR?"                      (text only)
+  deepseek-ocr-cli --pdf report.pdf --pages 1-3 > report.md
+      Each page read on its own with the default prompt; a "<!-- page N -->" line before each.
   deepseek-ocr-cli --image page.png --format json --logprobs 5 --max-new-tokens 64
   deepseek-ocr-cli --image page.png --bench --ignore-eos --max-new-tokens 256
 
@@ -43,6 +45,11 @@ Input:
   --image PATH|URL      an image file or an http(s) URL; repeat once per <image> placeholder, in order
   --prompt TEXT         the prompt; <image> marks where each image goes; "\\n" is a newline
   --prompt-file PATH    read the prompt from a file (verbatim)
+  --pdf PATH|URL        a PDF: every selected page is read on its own, one request per page, all with the
+                        same prompt (one <image>). An --image that is a PDF (by .pdf name or content) does the
+                        same; a PDF comes alone, without other images
+  --pages LIST          PDF pages to read, 1-based, e.g. 1-3,5 or 4- (to the end); default: all
+  --dpi N               PDF render resolution, 18 to 1200 (144, as the official DeepSeek-OCR PDF script)
                         Default prompt with images: DeepSeek-OCR "<image>\\n<|grounding|>Convert the document to
                         markdown.", PaddleOCR-VL "OCR:".
 
@@ -76,6 +83,10 @@ Generation:
 Output:
   --format F            text (default): the answer streams to stdout, statistics go to stderr
                         json: one JSON object (text, token_ids, usage, timings_ms, ...) on stdout
+                        A PDF in text mode: each page's answer after a "<!-- page N -->" line (a blank line
+                        between pages); a page bar on stderr unless the answer streams to a terminal
+                        (TQDM_DISABLE=1 hides it). In json mode: {"page_count": pages in the document,
+                        "pages": [{"page": N, ...the fields of one answer...}, ...]}
   --logprobs N          with --format json: the N most likely tokens per generated token (raw log-probabilities)
   --clean               strip grounding boxes: print clean Markdown (json: adds "markdown" and "grounding")
   --bench               after the answer, print per-stage timings and tokens/s to stderr
@@ -94,6 +105,7 @@ log = logging.getLogger("deepseek_ocr.cli")
 
 
 def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequence[str] = (),
+        pdf: str | None = None, pages: str | None = None, dpi: str | None = None,
         model: str | None = None, model_dir: str | None = None, model_config: str | None = None,
         tokenizer: str | None = None, weights: str | None = None, config: str | None = None,
         backend: str | None = None, device: str | None = None, dtype: str | None = None,
@@ -129,26 +141,40 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
     if mode is not None and model_id != "deepseek-ocr":
         raise UserError("--mode is a DeepSeek-OCR option")
 
+    inputs = [_read_input(source) for source in image]
+    document = _pdf_document(pdf, image, inputs)
+    if document is None and (pages is not None or dpi is not None):
+        raise UserError("--pages and --dpi are PDF options: add --pdf FILE (or an --image that is a PDF)")
+    n_images = 1 if document is not None else len(image)  # a PDF is read one page per request
+
     text = _prompt_text(prompt, prompt_file)
     if text is None:
-        if not image:
-            raise UserError("nothing to do: give --image, --prompt or --prompt-file (see --help)")
+        if not n_images:
+            raise UserError("nothing to do: give --image, --pdf, --prompt or --prompt-file (see --help)")
         if task is not None:
             text = ""
         elif model_id == "deepseek-ocr":
             # The default prompt is written for one page; more pages get one placeholder each, in front.
-            text = "<image>\n" * len(image) + DEFAULT_PROMPTS[model_id].split("<image>\n", 1)[1]
+            text = "<image>\n" * n_images + DEFAULT_PROMPTS[model_id].split("<image>\n", 1)[1]
         else:
             text = DEFAULT_PROMPTS[model_id]
     elif task is not None and text.replace("<image>", "").strip():
         raise UserError("give --task or a prompt with text, not both")
+    if document is not None and text.count("<image>") > 1:
+        raise UserError("a PDF is read one page per request: the prompt takes one <image> (the page)")
     if model_id == "deepseek-ocr" or text.count("<image>"):
-        check_placeholders(text, len(image))
-    images = [_open_image(source) for source in image]
+        check_placeholders(text, n_images)
 
     pipeline = Pipeline(settings, max_resident=1)
-    request = Request(prompt=text, images=images, model=model_id,
-                      overrides={"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs})
+    overrides = {"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs}
+    if document is not None:
+        _ocr_pdf(pipeline, Request(prompt=text, model=model_id, overrides=overrides), document, pages, dpi,
+                 out_format, want_clean, want_bench)
+        return
+    from .images import open_image  # noqa: PLC0415
+
+    images = [open_image(source) for source in inputs]
+    request = Request(prompt=text, images=images, model=model_id, overrides=overrides)
     started = time.perf_counter()
     result = _print_answer(pipeline, request, out_format, want_clean, images)
     wall_s = time.perf_counter() - started
@@ -162,6 +188,16 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
 
 def _print_answer(pipeline: Any, request: Any, out_format: str, clean: bool, images: list) -> Any:
     """Stream (text mode, unless --clean needs the whole answer) or collect and print one JSON object."""
+    result = _answer(pipeline, request, out_format, clean)
+    if out_format == "json":
+        json.dump(_as_json(result, clean, images), sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return result
+
+
+def _answer(pipeline: Any, request: Any, out_format: str, clean: bool) -> Any:
+    """Run `request`; in text mode print the answer (streamed, unless --clean needs it whole). The `Result`."""
     from .pipeline import Result  # noqa: PLC0415
 
     streaming = out_format == "text" and not clean
@@ -178,11 +214,64 @@ def _print_answer(pipeline: Any, request: Any, out_format: str, clean: bool, ima
             sys.stdout.write("\n")
     elif out_format == "text":
         sys.stdout.write(_clean(result.text) + "\n")
-    else:
-        json.dump(_as_json(result, clean, images), sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
     sys.stdout.flush()
     return result
+
+
+def _ocr_pdf(pipeline: Any, request: Any, document: tuple[str, Any], pages: str | None, dpi: str | None,
+             out_format: str, clean: bool, bench: bool) -> None:
+    """Every selected page of a PDF through the pipeline with `request`'s prompt, one page at a time (one
+    image in memory): text mode prints `<!-- page N -->` before each answer, json mode one object at the end."""
+    import dataclasses  # noqa: PLC0415
+
+    from .pdf import DEFAULT_DPI, iter_pages  # noqa: PLC0415
+
+    name, source = document
+    resolution = DEFAULT_DPI if dpi is None else _dpi(dpi)
+    # A bar on the terminal the answer streams to would be cut through by the text.
+    progress = out_format == "json" or not sys.stdout.isatty()
+    started = time.perf_counter()
+    pages_out: list[dict[str, Any]] = []
+    results = []
+    with iter_pages(source, pages, resolution, progress=progress, label=Path(name).name or "pages") as reader:
+        for number, image in reader:
+            if out_format == "text":
+                sys.stdout.write(("\n" if results else "") + f"<!-- page {number} -->\n\n")
+            result = _answer(pipeline, dataclasses.replace(request, images=[image]), out_format, clean)
+            results.append(result)
+            if out_format == "json":
+                pages_out.append({"page": number, **_as_json(result, clean, [image])})
+        page_count = reader.page_count
+    wall_s = time.perf_counter() - started
+    if out_format == "json":
+        json.dump({"page_count": page_count, "pages": pages_out}, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    total = _summed(results)
+    if out_format == "text":
+        finishes = ", ".join(f"{sum(r.finish_reason == f for r in results)} {f}"
+                             for f in sorted({r.finish_reason for r in results}))
+        print(f"[{total.model} {total.backend}/{total.device}/{total.dtype}] {len(results)} page(s) of "
+              f"{page_count}: {total.prompt_tokens} prompt + {total.completion_tokens} generated tokens, "
+              f"finish: {finishes}, {wall_s:.2f} s", file=sys.stderr)
+    if bench:
+        print(_bench_table(total, pages=len(results)), file=sys.stderr)
+
+
+def _summed(results: list[Any]) -> Any:
+    """One `Result` whose token counts and stage timings are the sums over `results` (for the statistics)."""
+    import dataclasses  # noqa: PLC0415
+
+    timings: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    for result in results:
+        for stage, ms in result.timings_ms.items():
+            timings[stage] = timings.get(stage, 0.0) + ms
+        for stage, count in result.timing_calls.items():
+            calls[stage] = calls.get(stage, 0) + count
+    return dataclasses.replace(results[-1], prompt_tokens=sum(r.prompt_tokens for r in results),
+                               completion_tokens=sum(r.completion_tokens for r in results),
+                               timings_ms=timings, timing_calls=calls)
 
 
 def _clean(text: str) -> str:
@@ -213,7 +302,7 @@ def _as_json(result: Any, clean: bool, images: list) -> dict[str, Any]:
     return data
 
 
-def _bench_table(result: Any) -> str:
+def _bench_table(result: Any, pages: int = 1) -> str:
     from .timing import Timings  # noqa: PLC0415
 
     timings = Timings(total_ms=dict(result.timings_ms), counts=dict(result.timing_calls))
@@ -223,7 +312,7 @@ def _bench_table(result: Any) -> str:
     if prefill_ms > 0:
         lines.append(f"prefill: {result.prompt_tokens / (prefill_ms / 1000):.1f} tokens/s "
                      f"({result.prompt_tokens} tokens)")
-    steps = max(result.completion_tokens - 1, 0)  # the first token comes out of the prefill
+    steps = max(result.completion_tokens - pages, 0)  # each page's first token comes out of its prefill
     if iterative_ms > 0 and steps:
         lines.append(f"decode: {steps / (iterative_ms / 1000):.1f} tokens/s ({steps} steps)")
     return "\n".join(lines)
@@ -263,6 +352,15 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _dpi(value: str) -> int:
+    from .pdf import MAX_DPI, MIN_DPI, check_dpi  # noqa: PLC0415
+
+    text = str(value).strip()
+    number = int(text) if text.isdigit() else None
+    # Out of range, the typed string goes to the check, so the message quotes it as the other flags do.
+    return check_dpi(number if number is not None and MIN_DPI <= number <= MAX_DPI else value, "--dpi")
+
+
 def _prompt_text(prompt: str | None, prompt_file: str | None) -> str | None:
     if prompt is not None and prompt_file is not None:
         raise _user_error("give --prompt or --prompt-file, not both")
@@ -277,12 +375,28 @@ def _prompt_text(prompt: str | None, prompt_file: str | None) -> str | None:
     return None
 
 
-def _open_image(source: str) -> Any:
-    from .images import open_image  # noqa: PLC0415
-
+def _read_input(source: str) -> bytes | Path:
+    """An --image/--pdf value as something to decode: a URL's bytes (fetched now), else the path."""
     if source.startswith(("http://", "https://")):
-        return open_image(_fetch(source))
-    return open_image(Path(source).expanduser())
+        return _fetch(source)
+    return Path(source).expanduser()
+
+
+def _pdf_document(pdf: str | None, names: Sequence[str], inputs: list[bytes | Path]) -> tuple[str, Any] | None:
+    """(name, bytes or path) of the PDF to read page by page, or None when there is none; a PDF comes alone."""
+    from .pdf import is_pdf, is_pdf_file  # noqa: PLC0415
+
+    if pdf is not None:
+        if names:
+            raise _user_error("give --pdf or --image, not both: a PDF's pages are read one per request")
+        return pdf, _read_input(pdf)
+    for name, source in zip(names, inputs):
+        if is_pdf(source) if isinstance(source, bytes) else is_pdf_file(source):
+            if len(names) > 1:
+                raise _user_error(f"--image {name} is a PDF: give it alone (each page is read on its own, "
+                                  "with the same prompt)")
+            return name, source
+    return None
 
 
 def _fetch(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:

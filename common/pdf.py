@@ -238,13 +238,14 @@ def render_pdf(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_D
 
 def iter_pages(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_DPI, *,
                password: str | None = None, max_pages: int = MAX_PAGES, max_pixels: int = MAX_PAGE_PIXELS,
-               progress: bool = False, label: str = "pages") -> Iterator[tuple[int, Image.Image]]:
+               progress: bool = False, label: str = "pages") -> PageReader:
     """(page number, RGB image) for each selected page, rendered only when asked for: the way to OCR a long
-    document page by page.
+    document page by page. The reader also tells `page_count` (the document's) and `numbers` (the selection).
 
     The document is opened and the selection checked before this returns, so a bad file or range fails at
-    once; it is closed when the iterator ends or is closed. `progress` shows a tqdm bar on stderr (silenced by
-    TQDM_DISABLE=1) that advances when the caller asks for the next page, i.e. after it has used the last one.
+    once; it is closed when the iteration ends or the reader is closed (it is also a context manager).
+    `progress` shows a tqdm bar on stderr (silenced by TQDM_DISABLE=1) that advances when the caller asks for
+    the next page, i.e. after it has used the last one.
     """
     dpi = check_dpi(dpi)
     doc = open_pdf(source, password=password)
@@ -253,20 +254,45 @@ def iter_pages(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_D
     except BaseException:
         doc.close()
         raise
-    return _pages(doc, numbers, dpi, max_pixels, progress, label)
+    return PageReader(doc, numbers, dpi, max_pixels, progress, label)
 
 
-def _pages(doc: PdfFile, numbers: list[int], dpi: int, max_pixels: int, progress: bool,
-           label: str) -> Iterator[tuple[int, Image.Image]]:
-    import sys  # noqa: PLC0415
+class PageReader:
+    """The iterator `iter_pages` returns: (number, image) pairs, one page rendered per step."""
 
-    from tqdm import tqdm  # noqa: PLC0415 - only when pages are read
+    def __init__(self, doc: PdfFile, numbers: list[int], dpi: int, max_pixels: int, progress: bool,
+                 label: str) -> None:
+        self.page_count, self.numbers = doc.page_count, numbers
+        self._doc = doc
+        self._pages = self._render_all(dpi, max_pixels, progress, label)
 
-    # `disable` is left unset when a bar is wanted: an explicit value would override TQDM_DISABLE.
-    quiet = {} if progress else {"disable": True}
-    try:
-        with tqdm(numbers, desc=label, unit="page", file=sys.stderr, **quiet) as bar:
-            for number in bar:
-                yield number, doc.render(number, dpi, max_pixels)
-    finally:
-        doc.close()
+    def _render_all(self, dpi: int, max_pixels: int, progress: bool,
+                    label: str) -> Iterator[tuple[int, Image.Image]]:
+        import sys  # noqa: PLC0415
+
+        from tqdm import tqdm  # noqa: PLC0415 - only when pages are read
+
+        # `disable` is left unset when a bar is wanted: an explicit value would override TQDM_DISABLE.
+        quiet = {} if progress else {"disable": True}
+        try:
+            with tqdm(self.numbers, desc=label, unit="page", file=sys.stderr, **quiet) as bar:
+                for number in bar:
+                    yield number, self._doc.render(number, dpi, max_pixels)
+        finally:
+            self._doc.close()
+
+    def __iter__(self) -> PageReader:
+        return self
+
+    def __next__(self) -> tuple[int, Image.Image]:
+        return next(self._pages)
+
+    def close(self) -> None:
+        self._pages.close()
+        self._doc.close()  # a generator never started skips its finally
+
+    def __enter__(self) -> PageReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
