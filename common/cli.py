@@ -390,7 +390,7 @@ def _pdf_document(pdf: str | None, names: Sequence[str], inputs: list[bytes | Pa
         if names:
             raise _user_error("give --pdf or --image, not both: a PDF's pages are read one per request")
         return pdf, _read_input(pdf)
-    for name, source in zip(names, inputs):
+    for name, source in zip(names, inputs, strict=True):
         if is_pdf(source) if isinstance(source, bytes) else is_pdf_file(source):
             if len(names) > 1:
                 raise _user_error(f"--image {name} is a PDF: give it alone (each page is read on its own, "

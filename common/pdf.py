@@ -124,7 +124,7 @@ class PdfFile:
             source = source.read()
         self.name = f"PDF file {os.fspath(source)}" if isinstance(source, (str, os.PathLike)) else "PDF data"
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
+            path = Path(source).expanduser()
             if not path.is_file():
                 raise ImageError(f"{self.name} not found" if not path.exists() else f"{self.name} is not a file")
             source = str(path)
@@ -200,6 +200,13 @@ class PdfFile:
             doc, self._doc = getattr(self, "_doc", None), None
             if doc is not None:
                 doc.close()
+
+    def __del__(self) -> None:
+        # Closing here, under the lock, keeps pypdfium2's own finaliser (which takes no lock) from doing it.
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - nothing can be reported from a finaliser
+            pass
 
     def __enter__(self) -> PdfFile:
         return self

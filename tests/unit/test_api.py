@@ -17,6 +17,7 @@ from PIL import Image
 
 from common.api import OCR
 from common.errors import ImageError, UnknownModelError, UserError
+from common.pdf import render_pdf
 from common.pipeline import Pipeline, Request, Result
 
 # 512 px views without tiles ("tiny") keep the SAM encoder cheap on a shared CPU.
@@ -130,8 +131,6 @@ def test_two_images_with_placeholders(deepseek: OCR, page: Image.Image) -> None:
 
 
 def test_pdf_pages_one_result_each(deepseek: OCR, tmp_path: Path) -> None:
-    from common.pdf import render_pdf
-
     data = _two_page_pdf()
     path = tmp_path / "doc.pdf"
     path.write_bytes(data)

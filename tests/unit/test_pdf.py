@@ -8,6 +8,7 @@ without the password and render the same black rectangle with it.
 """
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import threading
@@ -18,8 +19,8 @@ from PIL import Image
 
 from common import pdf as pdf_module
 from common.errors import ImageError, UserError
-from common.pdf import (MAX_DPI, MIN_DPI, check_dpi, is_pdf, is_pdf_file, open_pdf, parse_pages,
-                        render_pdf)
+from common.pdf import (MAX_DPI, MIN_DPI, check_dpi, is_pdf, is_pdf_file, iter_pages, open_pdf,
+                        parse_pages, render_pdf)
 
 pytest.importorskip("pypdfium2")
 
@@ -177,6 +178,25 @@ def test_page_by_page(three_pages: bytes) -> None:
         doc.render(1)
 
 
+def test_iter_pages_renders_one_page_per_step(three_pages: bytes, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    with pytest.raises(UserError, match="page 9 is out of range"):
+        iter_pages(three_pages, "9")                  # the selection fails at the call, before any page
+    reader = iter_pages(three_pages, "3,1", dpi=72)
+    assert (reader.page_count, reader.numbers) == (3, [3, 1])
+    number, image = next(reader)
+    assert (number, image.size) == (3, THREE_PAGES[2])
+    reader.close()
+    with pytest.raises(StopIteration):
+        next(reader)
+    assert capsys.readouterr().err == ""             # no bar unless asked for
+    with iter_pages(three_pages, dpi=72, progress=True, label="doc.pdf") as shown:
+        assert [number for number, _ in shown] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert "doc.pdf" in err and "3/3" in err
+
+
 def test_pages_render_from_several_threads(three_pages: bytes) -> None:
     """pdfium is not thread-safe; the module lock must make concurrent renders give the same pixels."""
     expected = [im.tobytes() for im in render_pdf(three_pages, dpi=72)]
@@ -259,8 +279,6 @@ def test_bad_dpi(dpi: object) -> None:
 
 
 def test_missing_pypdfium2_names_the_extra(monkeypatch: pytest.MonkeyPatch, three_pages: bytes) -> None:
-    import builtins
-
     real_import = builtins.__import__
 
     def refuse(name: str, *args: object, **kwargs: object) -> object:
