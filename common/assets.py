@@ -109,6 +109,16 @@ def resolve_model_files(
 
 
 # ------------------------------------------------------------------------------------------------ local paths
+def _other_weights(directory: Path) -> Path | None:
+    """A folder's weights under another name than the hub's (a converted snapshot's `model.safetensors`, a
+    re-sharded copy): its safetensors index, else its only safetensors file."""
+    index = sorted(directory.glob("*.safetensors.index.json"))
+    if index:
+        return index[0]
+    files = sorted(directory.glob("*.safetensors"))
+    return files[0] if len(files) == 1 else None
+
+
 def _resolve_local(spec: ModelSpec, entry: ModelEntry) -> ModelFiles:
     """Files from the user's paths; side files are looked up next to the tokenizer, the config and the weights."""
     if entry.model_dir is not None and not entry.model_dir.is_dir():
@@ -119,6 +129,8 @@ def _resolve_local(spec: ModelSpec, entry: ModelEntry) -> ModelFiles:
     for key, name, flag in (("config", spec.config, "--model-config"), ("tokenizer", spec.tokenizer, "--tokenizer"),
                             ("weights", spec.weights[0], "--weights")):
         path = getattr(entry, key) or directory / name
+        if key == "weights" and entry.weights is None and not path.is_file():
+            path = _other_weights(directory) or path
         if not path.is_file():
             raise ModelFilesError(f"{spec.model_id}: {key} file not found: {path} (set {flag} or --model-dir)")
         paths[key] = path

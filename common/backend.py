@@ -33,4 +33,7 @@ class LoadedModel(Protocol):
 
 
 class LoadModel(Protocol):
-    def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> LoadedModel: ...
+    def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
+                 quantize: int | None = None, group_size: int = 64) -> LoadedModel:
+        """Load `kind`; `quantize` (4 or 8 bits, groups of `group_size`) is an MLX-only option."""
+        ...

@@ -81,6 +81,8 @@ INFERENCE_RULES: dict[str, Rule] = {
     "max_new_tokens": _int(1),
     "use_cache": _BOOL,
     "repetition_guard": _BOOL,
+    "quantize": Rule(int, "4 | 8 (MLX backend)", lambda v: v in (4, 8), optional=True),
+    "quantize_group_size": Rule(int, "32 | 64 | 128", lambda v: v in (32, 64, 128)),
     "do_sample": _BOOL,
     "temperature": Rule(float, "a number >= 0", lambda v: v >= 0),
     "top_p": Rule(float, "a number > 0 and <= 1", lambda v: 0 < v <= 1),
@@ -173,6 +175,8 @@ class InferenceSettings:
     max_new_tokens: int = 512
     use_cache: bool = True
     repetition_guard: bool = False
+    quantize: int | None = None        # MLX: quantize the decoder to 4 or 8 bits at load time
+    quantize_group_size: int = 64
     do_sample: bool = False
     temperature: float = 0.0
     top_p: float = 1.0

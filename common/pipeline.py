@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 #: Per-request keys that are not config.toml settings (the rest go through `InferenceSettings.with_overrides`).
 REQUEST_ONLY_KEYS = ("ignore_eos", "logprobs")
 #: Settings fixed when a model is loaded; a request cannot change them.
-LOAD_KEYS = ("backend", "device", "dtype")
+LOAD_KEYS = ("backend", "device", "dtype", "quantize", "quantize_group_size")
 #: Ids the vLLM recipe's repetition guard never bans: table cells legitimately repeat.
 GUARD_EXEMPT_TOKENS = ("<td>", "</td>")
 #: pip extras that provide each backend's framework.
@@ -227,7 +227,7 @@ class Pipeline:
             self._load_model = backend_loader(choose_backend(inference.backend))
         started = time.perf_counter()
         model = self._load_model(model_id, Path(files.config), Path(files.weights),
-                                 dtype=inference.dtype, device=inference.device)
+                                 dtype=inference.dtype, device=inference.device, **_quantize_options(inference))
         log.info("loaded %s on %s/%s/%s in %.1f s", model_id, model.backend, model.device, model.dtype,
                  time.perf_counter() - started)
         generation_config = _read_json(files.generation_config)
@@ -363,6 +363,13 @@ class Pipeline:
                 result = event
         assert result is not None  # stream always ends with a Result
         return result
+
+
+def _quantize_options(inference: Any) -> dict[str, Any]:
+    """Quantization keywords for the backend, only when asked for (the option exists on MLX alone)."""
+    if not inference.quantize:
+        return {}
+    return {"quantize": inference.quantize, "group_size": inference.quantize_group_size}
 
 
 def _max_positions(model_id: str, config_path: Path) -> int:

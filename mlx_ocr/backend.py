@@ -73,12 +73,15 @@ class MLXModel:
         return generate(self.model, inputs, options, timings, cancel)
 
 
-def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> MLXModel:
-    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'metal')."""
+def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
+               quantize: int | None = None, group_size: int = 64) -> MLXModel:
+    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'metal'); `quantize` 4 or 8
+    quantizes the decoder at load time (a converted snapshot is loaded as saved)."""
     if kind not in MODEL_MODULES:
         raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
     device_name = resolve_device(device)
     dtype_name = resolve_dtype(dtype, device_name)
     module = importlib.import_module(MODEL_MODULES[kind])
-    model = module.load(Path(config_path), Path(weights_path), dtype=dtype_name, device=device_name)
+    model = module.load(Path(config_path), Path(weights_path), dtype=dtype_name, device=device_name,
+                        quantize=quantize, group_size=group_size)
     return MLXModel(kind, model, device_name, dtype_name)

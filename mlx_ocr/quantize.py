@@ -104,14 +104,14 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
     raw, marker = read_config(model_dir / "config.json")
     if marker is not None:
         raise UserError(f"{model_dir} is already a quantized snapshot ({marker})")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")
     module = _model_module(kind or _kind_of(raw, model_dir))
     model = module.load(model_dir / "config.json", model_dir, dtype=dtype, device="cpu")
     before = weight_bytes(model)
     prefixes = module.QUANTIZE_PREFIXES + (module.VISION_PREFIXES if vision else ())
     quantize_model(model, bits=bits, group_size=group_size, prefixes=prefixes)
     after = weight_bytes(model)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in model_dir.iterdir():
         if path.is_file() and path.name not in _REWRITTEN_NAMES and not path.name.endswith(_REWRITTEN_SUFFIXES):

@@ -6,6 +6,7 @@ DeepSeek-OCR never imports PaddleOCR-VL's code. Mirrored in mlx_ocr/backend.py.
 from __future__ import annotations
 
 import importlib
+import json
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,14 @@ def _sync_for(device: torch.device):
     return lambda: None
 
 
+def _is_quantized_snapshot(config_path: Path) -> bool:
+    """A converted MLX snapshot carries a `quantization` marker in its config.json."""
+    try:
+        return "quantization" in json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # the model's own config parser reports unreadable files, naming the file
+
+
 class TorchModel:
     """A loaded model plus where it runs; `generate` is the shared loop in torch_ocr/generate.py."""
 
@@ -59,10 +68,20 @@ class TorchModel:
         return generate(self.model, inputs, options, timings, cancel)
 
 
-def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> TorchModel:
-    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'cuda', 'cuda:N')."""
+def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
+               quantize: int | None = None, group_size: int = 64) -> TorchModel:
+    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'cuda', 'cuda:N').
+
+    Quantization is an MLX feature: asking for it here, or loading an MLX-quantized snapshot, is a `UserError`.
+    """
     if kind not in MODEL_MODULES:
         raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    if quantize:
+        raise UserError("--quantize needs the MLX backend (--backend mlx); the torch backend runs float weights",
+                        param="quantize")
+    if _is_quantized_snapshot(Path(config_path)):
+        raise UserError(f"{Path(config_path).parent} is an MLX-quantized snapshot; load it with --backend mlx",
+                        param="model_dir")
     torch_device = resolve_device(device)
     dtype_name = resolve_dtype(dtype, torch_device)
     module = importlib.import_module(MODEL_MODULES[kind])
