@@ -4,6 +4,8 @@ Exact to the official remote code (`deepencoder.py`: `ImageEncoderViT`, `Block`,
 `VitModel`; `modeling_deepseekocr.py`: `DeepseekOCRModel.forward`; `modeling_deepseekv2.py`: decoder, `MoEGate`,
 `moe_infer`), rule by rule as in the DeepSeek-OCR RULES (6-11). One deliberate deviation, numerically
 equivalent: the routed experts are stacked per layer and run as one grouped matmul (`sanitize` stacks them).
+The decoder's RMSNorm, SiLU-gated MLP, attention and residual layer are `layers.py`'s, shared with PaddleOCR-VL;
+loading is `loader.load_module`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.deepseek_ocr import DeepseekOCRInputs
-from common.errors import CheckpointError, UserError
+from common.errors import CheckpointError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from .cache import KVCache
-from .loader import DTYPES, assign_strict, checkpoint_files, read_safetensors, resolve_device
+from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm
+from .loader import load_module
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
 NECK_KERNEL = 3
@@ -270,19 +273,6 @@ class Projector(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- decoder
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalised in float32, cast back, THEN scaled by the weight (DeepseekV2RMSNorm's order).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
 def rope_inv_freq(cfg: DeepseekV2Config, device: torch.device | str) -> torch.Tensor:
     """Llama default RoPE frequencies, float32 (head_dim / 2,)."""
     exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
@@ -297,54 +287,12 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor,
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-class DecoderAttention(nn.Module):
+class DecoderAttention(CausalAttention):
     """LlamaAttention ("mha_eager", use_mla false): no biases, half-split RoPE, causal, optional KV cache."""
 
     def __init__(self, cfg: DeepseekV2Config) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v)
-        total = k.shape[2]
-        mask, causal = None, False
-        if length == total:
-            causal = length > 1
-        elif length > 1:  # a chunk after cached positions: query i sees keys up to (total - length + i)
-            idx = torch.arange(total, device=x.device)
-            mask = idx[None, :] <= (total - length + torch.arange(length, device=x.device))[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.kv_heads != self.heads)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
-
-
-class DecoderMLP(nn.Module):
-    """SiLU-gated MLP (`DeepseekV2MLP`): the dense layers and the shared experts."""
-
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                         bias=False)
 
 
 class MoEGate(nn.Module):
@@ -414,7 +362,7 @@ class DecoderMoE(nn.Module):
         super().__init__()
         self.gate = MoEGate(cfg)
         self.experts = RoutedExperts(cfg)
-        self.shared_experts = DecoderMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -422,17 +370,13 @@ class DecoderMoE(nn.Module):
         return self.experts(flat, weights, ids).view(x.shape) + self.shared_experts(x)
 
 
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DeepseekV2Config, index: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DecoderMoE(cfg) if cfg.is_moe_layer(index) else DecoderMLP(cfg.hidden_size, cfg.intermediate_size)
+class DecoderLayer(DecoderBlock):
+    """A DeepSeek-V2 layer with use_mla false: Llama attention, then the MoE or (first layers) a dense MLP."""
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __init__(self, cfg: DeepseekV2Config, index: int) -> None:
+        mlp = DecoderMoE(cfg) if cfg.is_moe_layer(index) else GatedMLP(cfg.hidden_size, cfg.intermediate_size,
+                                                                        bias=False)
+        super().__init__(cfg.hidden_size, cfg.rms_norm_eps, DecoderAttention(cfg), mlp)
 
 
 # ----------------------------------------------------------------------------------------------- top model
@@ -599,14 +543,7 @@ def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
          device: str | torch.device = "cpu") -> DeepseekOCRForCausalLM:
     """Build on the meta device, read the original checkpoint (memory-mapped) and assign it strictly."""
-    cfg = DeepseekOCRConfig.from_file(config_path)
-    if isinstance(dtype, str) and dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    target = resolve_device(device) if isinstance(device, str) else device
-    with torch.device("meta"):
-        model = DeepseekOCRForCausalLM(cfg)
-    tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=torch_dtype, device=target))
-    assign_strict(model, sanitize(tensors))
-    model.model.rope_inv_freq = rope_inv_freq(cfg.language, target)
-    return model.eval().requires_grad_(False)
+    model = load_module(DeepseekOCRForCausalLM, DeepseekOCRConfig, config_path, weights_path, dtype=dtype,
+                        device=device, sanitize=sanitize)
+    model.model.rope_inv_freq = rope_inv_freq(model.config.language, model.device)
+    return model

@@ -6,13 +6,15 @@ safetensors file, cast and moved, then assigned in place of the meta parameters:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from safetensors import safe_open
 
 from common.checkpoints import checkpoint_files
-from common.errors import CheckpointError, ModelFilesError
+from common.errors import CheckpointError, ModelFilesError, UserError
+
+M = TypeVar("M", bound=torch.nn.Module)
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -75,11 +77,37 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        from common.errors import UserError
-
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device", param="device")
     if device == "metal":
-        from common.errors import UserError
-
         raise UserError("--device metal needs the MLX backend (--backend mlx)", param="device")
     return torch.device(device)
+
+
+def load_module(
+    model_class: Callable[[Any], M],
+    config_class: Any,
+    config_path: str | Path,
+    weights_path: str | Path,
+    *,
+    dtype: str | torch.dtype,
+    device: str | torch.device,
+    sanitize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    skip: Callable[[str], bool] = lambda name: False,
+) -> M:
+    """`model_class(config_class.from_file(config_path))` built on meta, the original checkpoint assigned.
+
+    The one loading sequence of both models: tensors read memory-mapped (those `skip` names never leave the
+    file), cast to `dtype` on `device`, `sanitize`d to module names and assigned strictly. Returned in eval
+    mode with gradients off. Raises `UserError` for an unknown dtype or device, `CheckpointError` on a mismatch.
+    """
+    config = config_class.from_file(config_path)
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    target = resolve_device(device) if isinstance(device, str) else device
+    with torch.device("meta"):
+        model = model_class(config)
+    tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=torch_dtype, device=target,
+                                    skip=skip))
+    assign_strict(model, sanitize(tensors))
+    return model.eval().requires_grad_(False)

@@ -7,6 +7,8 @@ Module attributes carry the ORIGINAL checkpoint names (`visual.vision_model.*`, 
 Deviations, none visible in float32 outputs beyond rounding: the patch convolution runs as one matmul over the
 flattened patches, and the position table is resized with `F.interpolate` rather than a 4-tap gather.
 Positions (3D M-RoPE) are explicit inputs computed in `common/paddleocr_vl.py`; the model keeps no state.
+The decoder's RMSNorm, SiLU-gated MLP, attention and residual layer are `layers.py`'s, shared with DeepSeek-OCR;
+loading is `loader.load_module`.
 """
 from __future__ import annotations
 
@@ -20,13 +22,8 @@ from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisio
 from common.paddleocr_vl import PaddleOCRVLInputs
 
 from .cache import KVCache
-from .loader import DTYPES, assign_strict, checkpoint_files, read_safetensors, resolve_device
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """NeoX-style rotation: (x1, x2) -> (-x2, x1) over the two halves of the last axis."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm, apply_rope
+from .loader import load_module
 
 
 # ------------------------------------------------------------------------------------------------ vision
@@ -50,8 +47,8 @@ class VisionAttention(nn.Module):
         v = self.v_proj(x).view(n, self.num_heads, self.head_dim)
         # The reference rotates in float32 whatever the model dtype.
         c, s = cos[:, None, :], sin[:, None, :]
-        q = (q.float() * c + rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + rotate_half(k.float()) * s).to(x.dtype)
+        q = apply_rope(q.float(), c, s).to(x.dtype)
+        k = apply_rope(k.float(), c, s).to(x.dtype)
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, N, Dh)
         if len(lengths) == 1:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -178,78 +175,22 @@ class Projector(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ decoder
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32, the weight applied after casting back (as the reference)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-class TextAttention(nn.Module):
+class TextAttention(CausalAttention):
     """Grouped-query causal attention with M-RoPE applied by the caller's cos/sin."""
 
     def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
-        d, hd, bias = config.hidden_size, config.head_dim, config.use_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.k_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        past = 0 if cache is None else cache.offset
-        if cache is not None:
-            k, v = cache.update(k, v)
-        gqa = self.num_heads != self.num_kv_heads
-        if length == 1:
-            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # a chunk after cached tokens: causal within the chunk, everything before it visible
-            keep = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        super().__init__(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         config.head_dim, bias=config.use_bias)
 
 
-class TextMLP(nn.Module):
+class DecoderLayer(DecoderBlock):
+    """An ERNIE-4.5 layer: grouped-query attention and a SiLU-gated MLP, biases as `use_bias`."""
+
     def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported text hidden_act {config.hidden_act!r}")
-        d, i, bias = config.hidden_size, config.intermediate_size, config.use_bias
-        self.gate_proj = nn.Linear(d, i, bias=bias)
-        self.up_proj = nn.Linear(d, i, bias=bias)
-        self.down_proj = nn.Linear(i, d, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = TextAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = TextMLP(config)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+        super().__init__(config.hidden_size, config.rms_norm_eps, TextAttention(config), mlp)
 
 
 class TextModel(nn.Module):
@@ -386,12 +327,5 @@ def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
          device: str | torch.device = "cpu") -> PaddleOCRVL:
     """Build on the meta device from config.json and assign the original safetensors strictly."""
-    config = PaddleOCRVLConfig.from_file(config_path)
-    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    target = resolve_device(device) if isinstance(device, str) else device
-    with torch.device("meta"):
-        model = PaddleOCRVL(config)
-    tensors = read_safetensors(checkpoint_files(Path(weights_path)), dtype=torch_dtype, device=target,
-                               skip=is_skipped)
-    assign_strict(model, sanitize(dict(tensors)))
-    return model.eval()
+    return load_module(PaddleOCRVL, PaddleOCRVLConfig, config_path, weights_path, dtype=dtype, device=device,
+                       sanitize=sanitize, skip=is_skipped)

@@ -1,0 +1,111 @@
+"""Decoder building blocks both PyTorch models share: float32 RMSNorm, half-split RoPE, the SiLU-gated MLP,
+causal attention over a KV cache and the pre-norm residual layer around them.
+
+DeepSeek-OCR's decoder (`modeling_deepseekv2.py`: `DeepseekV2RMSNorm`, `DeepseekV2MLP`, LlamaAttention with
+use_mla false) and PaddleOCR-VL's ERNIE-4.5 decoder (transformers `modeling_paddleocr_vl.py`) compute these the
+same way; they differ only in sizes, eps and bias flags, which the callers pass from their configs. Parameters
+carry the checkpoint names of both (`weight`, `{gate,up,down}_proj`, `{q,k,v,o}_proj`, `input_layernorm`,
+`post_attention_layernorm`), so each model's checkpoint mapping stays the identity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm normalised in float32, cast back, THEN scaled by the weight (the order of both references)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """NeoX-style rotation: (x1, x2) -> (-x2, x1) over the two halves of the last axis."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split (Llama) RoPE in the dtype of its inputs; cos/sin broadcast against x."""
+    return x * cos + rotate_half(x) * sin
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): DeepseekV2MLP (dense layers, shared experts) and ERNIE-4.5's MLP."""
+
+    def __init__(self, hidden: int, intermediate: int, *, bias: bool) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class CausalAttention(nn.Module):
+    """Causal multi-head / grouped-query attention over an optional KV cache, RoPE from the caller's cos/sin.
+
+    `project` and `attend` are separate so a model can rotate q and k its own way in between.
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L, D) -> q (B, H, L, Dh), k and v (B, H_kv, L, Dh)."""
+        b, length, _ = x.shape
+        q = self.q_proj(x).view(b, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Rotated q, k and v of the new positions -> (B, L, D) after `o_proj`; appends k, v to the cache."""
+        b, _, length, _ = q.shape
+        if cache is not None:
+            k, v = cache.update(k, v)
+        total = k.shape[2]
+        mask, causal = None, False
+        if length == total:
+            causal = length > 1
+        elif length > 1:  # a chunk after cached positions: query i sees keys up to (total - length + i)
+            mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.kv_heads != self.heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        q, k, v = self.project(x)
+        return self.attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, cache)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual layer: x + attn(norm(x)), then + mlp(norm(x)); both norms RMSNorm with one eps."""
+
+    def __init__(self, hidden: int, eps: float, self_attn: nn.Module, mlp: nn.Module) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
