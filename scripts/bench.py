@@ -199,8 +199,10 @@ class _Probe:
     inputs: Any = None
     first_token_at: float | None = None
 
-    def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str) -> Any:
-        return _ProbedModel(self.load_model(kind, config_path, weights_path, dtype=dtype, device=device), self)
+    def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
+                 **options: Any) -> Any:  # options: the loader's extras (quantization), passed through unchanged
+        return _ProbedModel(self.load_model(kind, config_path, weights_path, dtype=dtype, device=device,
+                                            **options), self)
 
 
 def _save_inputs(inputs: Any, path: Path) -> None:

@@ -167,7 +167,7 @@ def load_deepseek(checkpoint: Path, dtype: torch.dtype, code_dir: Path, workdir:
     import transformers  # noqa: PLC0415
 
     inner = model.model
-    name = f"official code, transformers {transformers.__version__}"
+    name = f"official, tf {transformers.__version__}"
     return model, [inner.sam_model, inner.vision_model, inner.projector], name
 
 
