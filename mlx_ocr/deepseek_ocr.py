@@ -6,7 +6,8 @@ Exact to the official remote code (`deepencoder.py`: `ImageEncoderViT`, `Block`,
 Framework differences, all numerically equivalent: images run channels-last (MLX convolutions), position tables
 are resized by fixed linear maps equal to PyTorch's `F.interpolate` (MLX has no antialiased bicubic), the decoder
 RoPE is `mx.fast.rope` (half-split form), and the routed experts are mlx-lm's `SwitchGLU` (gather_mm: only the
-chosen experts are computed), stacked per projection by `sanitize`.
+chosen experts are computed), stacked per projection by `sanitize`. The decoder's RMSNorm, SiLU-gated MLP,
+attention and residual layer are `layers.py`'s, shared with PaddleOCR-VL; loading is `loader.load_module`.
 """
 from __future__ import annotations
 
@@ -18,13 +19,12 @@ import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchLinear
 
 from common.deepseek_ocr import DeepseekOCRInputs
-from common.errors import CheckpointError, UserError
+from common.errors import CheckpointError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
-from . import quantize as quantization
 from .cache import KVCache
-from .loader import (DTYPES, assign_strict, checkpoint_files, interpolation_matrix, read_safetensors,
-                     resize_table, resolve_device)
+from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm
+from .loader import interpolation_matrix, load_module, resize_table
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
 NECK_KERNEL = 3
@@ -281,59 +281,21 @@ class Projector(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- decoder
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = mx.ones((dim,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        # Fused kernel, float32 accumulation; in float16/bfloat16 the weight is applied before the final
-        # rounding rather than after it (a last-bit difference from DeepseekV2RMSNorm).
-        return mx.fast.rms_norm(x, self.weight, self.eps)
-
-
-class DecoderAttention(nn.Module):
+class DecoderAttention(CausalAttention):
     """LlamaAttention ("mha_eager", use_mla false): no biases, half-split RoPE, causal, optional KV cache."""
 
     def __init__(self, cfg: DeepseekV2Config) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        super().__init__(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                         bias=False)
         self.rope_theta = cfg.rope_theta
-        self.q_proj = nn.Linear(cfg.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def rope(self, x: mx.array, offset: mx.array) -> mx.array:
         # traditional=False is Llama's rotate_half (half-split) form, not DeepSeek-V2's interleaved MLA one.
         return mx.fast.rope(x, self.head_dim, traditional=False, base=self.rope_theta, scale=1.0, offset=offset)
 
     def __call__(self, x: mx.array, offset: mx.array, cache: KVCache | None) -> mx.array:
-        b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
-        k = self.k_proj(x).reshape(b, length, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, length, self.kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = self.rope(q, offset), self.rope(k, offset)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        # MLX's "causal" aligns the last query with the last key: also right for a chunk after cached positions.
-        mask = "causal" if length > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, self.heads * self.head_dim))
-
-
-class DecoderMLP(nn.Module):
-    """SiLU-gated MLP (`DeepseekV2MLP`): the dense layers and the shared experts."""
-
-    def __init__(self, hidden: int, intermediate: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        q, k, v = self.project(x)
+        return self.attend(self.rope(q, offset), self.rope(k, offset), v, cache)
 
 
 class MoEGate(nn.Module):
@@ -403,7 +365,7 @@ class DecoderMoE(nn.Module):
         super().__init__()
         self.gate = MoEGate(cfg)
         self.experts = RoutedExperts(cfg)
-        self.shared_experts = DecoderMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        self.shared_experts = GatedMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         flat = x.reshape(-1, x.shape[-1])
@@ -411,15 +373,16 @@ class DecoderMoE(nn.Module):
         return self.experts(flat, weights, ids).reshape(x.shape) + self.shared_experts(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(DecoderBlock):
+    """A DeepSeek-V2 layer with use_mla false: Llama attention, then the MoE or (first layers) a dense MLP."""
+
     def __init__(self, cfg: DeepseekV2Config, index: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DecoderAttention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = DecoderMoE(cfg) if cfg.is_moe_layer(index) else DecoderMLP(cfg.hidden_size, cfg.intermediate_size)
+        mlp = DecoderMoE(cfg) if cfg.is_moe_layer(index) else GatedMLP(cfg.hidden_size, cfg.intermediate_size,
+                                                                        bias=False)
+        super().__init__(cfg.hidden_size, cfg.rms_norm_eps, DecoderAttention(cfg), mlp)
 
     def __call__(self, x: mx.array, offset: mx.array, cache: KVCache | None) -> mx.array:
+        # The RoPE offset stands in for cos/sin: the attention rotates with `mx.fast.rope`.
         x = x + self.self_attn(self.input_layernorm(x), offset, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -602,22 +565,6 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     A converted snapshot (config.json carries the quantization marker) is already in module layout and
     quantized: it skips `sanitize` and loads as saved.
     """
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
-    if quantize:
-        quantization.check_options(quantize, group_size)
-    resolve_device(device)
-    raw, marker = quantization.read_config(Path(config_path))
-    cfg = DeepseekOCRConfig.from_dict(raw, str(config_path))
-    model = DeepseekOCRForCausalLM(cfg)
-    tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=DTYPES[dtype]))
-    if marker is None:
-        assign_strict(model, sanitize(tensors))
-        if quantize:
-            prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
-            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
-    else:
-        quantization.apply_marker(model, marker, tensors)
-        assign_strict(model, tensors)
-    mx.eval(model.parameters())
-    return model
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
+    return load_module(DeepseekOCRForCausalLM, DeepseekOCRConfig, config_path, weights_path, dtype=dtype,
+                       device=device, sanitize=sanitize, quantize=quantize, group_size=group_size, prefixes=prefixes)

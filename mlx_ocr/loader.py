@@ -7,7 +7,7 @@ assigning the checkpoint in their place never holds the weights twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +16,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from common.checkpoints import checkpoint_files
 from common.errors import CheckpointError, ModelFilesError, UserError
 from common.resize import interpolation_matrix
+
+from . import quantize as quantization
+
+M = TypeVar("M", bound=nn.Module)
 
 DTYPES: dict[str, mx.Dtype] = {
     "float32": mx.float32,
@@ -92,6 +96,47 @@ def resolve_device(device: str) -> str:
         raise UserError(f"unknown device {device!r} (auto, cpu, metal or cuda)", param="device")
     mx.set_default_device(mx.gpu)
     return device
+
+
+def load_module(
+    model_class: Callable[[Any], M],
+    config_class: Any,
+    config_path: str | Path,
+    weights_path: str | Path,
+    *,
+    dtype: str,
+    device: str,
+    sanitize: Callable[[dict[str, mx.array]], dict[str, mx.array]],
+    skip: Callable[[str], bool] = lambda name: False,
+    quantize: int | None = None,
+    group_size: int = 64,
+    prefixes: tuple[str, ...] = (),
+) -> M:
+    """`model_class(config_class.from_dict(config.json))` with the checkpoint assigned, evaluated once.
+
+    The one loading sequence of both models: options checked and the device chosen before anything is built,
+    arrays read lazily (those `skip` names never read), cast to `dtype`, `sanitize`d to module names and
+    assigned strictly; `quantize` bits then quantize the modules under `prefixes`. A converted snapshot (its
+    config.json carries the quantization marker) is already in module layout and quantized: it skips
+    `sanitize` and loads as saved. Raises `UserError` for bad options, `CheckpointError` on a mismatch.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
+    if quantize:
+        quantization.check_options(quantize, group_size)
+    resolve_device(device)
+    raw, marker = quantization.read_config(Path(config_path))
+    model = model_class(config_class.from_dict(raw, str(config_path)))
+    tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=DTYPES[dtype], skip=skip))
+    if marker is None:
+        assign_strict(model, sanitize(tensors))
+        if quantize:
+            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
+    else:
+        quantization.apply_marker(model, marker, tensors)
+        assign_strict(model, tensors)
+    mx.eval(model.parameters())
+    return model
 
 
 # --------------------------------------------------------------------------- position-table resampling

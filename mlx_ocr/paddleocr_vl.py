@@ -6,7 +6,8 @@ checkpoint names (`visual.vision_model.*`, `mlp_AR.*`, `model.*`, `lm_head`), so
 groups the reference never uses are skipped by name, and `sanitize` only moves conv weights to channels-last.
 MLX has no bilinear resize matching PyTorch's, so the position table is resized by a fixed linear map
 (`loader.resize_table`, float32, held equal to `F.interpolate` in a test). Positions (3D M-RoPE) are explicit
-inputs computed in `common/paddleocr_vl.py`; the model keeps no state.
+inputs computed in `common/paddleocr_vl.py`; the model keeps no state. The decoder's RMSNorm, SiLU-gated MLP,
+attention and residual layer are `layers.py`'s, shared with DeepSeek-OCR; loading is `loader.load_module`.
 """
 from __future__ import annotations
 
@@ -16,19 +17,12 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common.errors import UserError
 from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisionConfig
 from common.paddleocr_vl import PaddleOCRVLInputs
 
-from . import quantize as quantization
 from .cache import KVCache
-from .loader import DTYPES, assign_strict, checkpoint_files, read_safetensors, resize_table, resolve_device
-
-
-def rotate_half(x: mx.array) -> mx.array:
-    """NeoX-style rotation: (x1, x2) -> (-x2, x1) over the two halves of the last axis."""
-    half = x.shape[-1] // 2
-    return mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm, apply_rope
+from .loader import load_module, resize_table
 
 
 # ------------------------------------------------------------------------------------------------ vision
@@ -54,8 +48,8 @@ class VisionAttention(nn.Module):
         # The reference rotates in float32 whatever the model dtype.
         c, s = cos[:, None, :], sin[:, None, :]
         qf, kf = q.astype(mx.float32), k.astype(mx.float32)
-        q = (qf * c + rotate_half(qf) * s).astype(x.dtype)
-        k = (kf * c + rotate_half(kf) * s).astype(x.dtype)
+        q = apply_rope(qf, c, s).astype(x.dtype)
+        k = apply_rope(kf, c, s).astype(x.dtype)
         q, k, v = (t.transpose(1, 0, 2)[None] for t in (q, k, v))  # (1, H, N, Dh)
         parts, start = [], 0
         for length in lengths:
@@ -188,71 +182,22 @@ class Projector(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ decoder
 
-class RMSNorm(nn.Module):
-    """RMSNorm through `mx.fast.rms_norm` (float32 accumulation; the weight applied in the fused kernel)."""
-
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = mx.ones((size,))
-        self.eps = eps
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.rms_norm(x, self.weight, self.eps)
-
-
-class TextAttention(nn.Module):
+class TextAttention(CausalAttention):
     """Grouped-query causal attention with M-RoPE applied by the caller's cos/sin."""
 
     def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
-        d, hd, bias = config.hidden_size, config.head_dim, config.use_bias
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        self.scale = hd ** -0.5
-        self.q_proj = nn.Linear(d, self.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * hd, d, bias=bias)
-
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache | None) -> mx.array:
-        b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
-        k = self.k_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(b, length, self.num_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(k, v)
-        # MLX's "causal" aligns the last query with the last key: also right for a chunk after cached tokens.
-        mask = "causal" if length > 1 else None
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, -1))
+        super().__init__(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         config.head_dim, bias=config.use_bias)
 
 
-class TextMLP(nn.Module):
+class DecoderLayer(DecoderBlock):
+    """An ERNIE-4.5 layer: grouped-query attention and a SiLU-gated MLP, biases as `use_bias`."""
+
     def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"unsupported text hidden_act {config.hidden_act!r}")
-        d, i, bias = config.hidden_size, config.intermediate_size, config.use_bias
-        self.gate_proj = nn.Linear(d, i, bias=bias)
-        self.up_proj = nn.Linear(d, i, bias=bias)
-        self.down_proj = nn.Linear(i, d, bias=bias)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, config: PaddleTextConfig) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = TextAttention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = TextMLP(config)
-
-    def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache | None) -> mx.array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        mlp = GatedMLP(config.hidden_size, config.intermediate_size, bias=config.use_bias)
+        super().__init__(config.hidden_size, config.rms_norm_eps, TextAttention(config), mlp)
 
 
 class TextModel(nn.Module):
@@ -396,22 +341,7 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
     A converted snapshot (config.json carries the quantization marker) is already in module layout and
     quantized: it skips `sanitize` and loads as saved.
     """
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
-    if quantize:
-        quantization.check_options(quantize, group_size)
-    resolve_device(device)
-    raw, marker = quantization.read_config(Path(config_path))
-    config = PaddleOCRVLConfig.from_dict(raw, str(config_path))
-    model = PaddleOCRVL(config)
-    tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=DTYPES[dtype], skip=is_skipped))
-    if marker is None:
-        assign_strict(model, sanitize(tensors))
-        if quantize:
-            prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
-            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
-    else:
-        quantization.apply_marker(model, marker, tensors)
-        assign_strict(model, tensors)
-    mx.eval(model.parameters())
-    return model
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
+    return load_module(PaddleOCRVL, PaddleOCRVLConfig, config_path, weights_path, dtype=dtype, device=device,
+                       sanitize=sanitize, skip=is_skipped, quantize=quantize, group_size=group_size,
+                       prefixes=prefixes)
