@@ -24,6 +24,8 @@ deepseek-ocr-cli: read text from document images with DeepSeek-OCR or PaddleOCR-
 
 Usage:
   deepseek-ocr-cli --image PAGE [--prompt TEXT] [options]
+  deepseek-ocr-cli convert --quantize 4|8 --output DIR [--model ID | --model-dir DIR] [--group-size 64] [--vision]
+      write a pre-quantized MLX snapshot (for 8-16 GB Macs); run it later with --model-dir DIR --backend mlx
 
 Examples:
   deepseek-ocr-cli --image page.png
@@ -61,6 +63,8 @@ Model and files:
   --backend B           auto (MLX on Apple Silicon, PyTorch elsewhere) | torch | mlx
   --device D            auto | cpu | cuda | metal
   --dtype T             auto | float32 | bfloat16 | float16
+  --quantize N          MLX only: quantize the decoder to 4 or 8 bits at load time (vision stays float)
+  --quantize-group-size N   weights per quantization group: 32 | 64 (default) | 128
 
 DeepSeek-OCR:
   --mode M              tiny | small | base | large | gundam: a preset of the three sizes below
@@ -114,7 +118,8 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
         max_new_tokens: str | None = None, use_cache: str | None = None, do_sample: str | None = None,
         temperature: str | None = None, top_p: str | None = None, top_k: str | None = None,
         repetition_penalty: str | None = None, no_repeat_ngram_size: str | None = None,
-        seed: str | None = None, repetition_guard: str | None = None, ignore_eos: str | bool = False,
+        seed: str | None = None, repetition_guard: str | None = None, quantize: str | None = None,
+        quantize_group_size: str | None = None, ignore_eos: str | bool = False,
         logprobs: str | int = 0, format: str = "text", bench: str | bool = False,
         clean: str | bool = False) -> None:
     """OCR images with a local model (see `deepseek-ocr-cli --help`). Values arrive as the strings typed."""
@@ -132,6 +137,7 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
              "weights": weights, "backend": backend, "device": device, "dtype": dtype, "template": template,
              "base_size": base_size, "image_size": image_size, "crop_mode": crop_mode, "mode": mode, "task": task,
              "max_new_tokens": max_new_tokens, "use_cache": use_cache, "do_sample": do_sample,
+             "quantize": quantize, "quantize_group_size": quantize_group_size,
              "temperature": temperature, "top_p": top_p, "top_k": top_k, "repetition_penalty": repetition_penalty,
              "no_repeat_ngram_size": no_repeat_ngram_size, "seed": seed, "repetition_guard": repetition_guard}
     settings = load_settings(Path(config).expanduser() if config else None, flags)
@@ -428,12 +434,42 @@ def _fetch(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_
         raise ImageError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from None
 
 
+def convert(output: str | None = None, quantize: str | None = None, group_size: str = "64",
+            vision: str | bool = False, model: str | None = None, model_dir: str | None = None,
+            model_config: str | None = None, tokenizer: str | None = None, weights: str | None = None,
+            config: str | None = None) -> None:
+    """`deepseek-ocr-cli convert --quantize 4|8 --output DIR`: write a pre-quantized MLX snapshot of a model
+    (downloaded on first use, or --model-dir) that later loads as a plain `--model-dir DIR --backend mlx`."""
+    from .assets import resolve_model_files  # noqa: PLC0415
+    from .config import load_settings  # noqa: PLC0415
+    from .errors import UserError  # noqa: PLC0415
+    from .pipeline import backend_loader  # noqa: PLC0415
+
+    if not output or quantize is None:
+        raise UserError("convert needs --quantize 4|8 and --output DIR (see --help)")
+    bits = _int("quantize", quantize, low=1)
+    groups = _int("group-size", group_size, low=1)
+    flags = {"model": model, "model_dir": model_dir, "model_config": model_config, "tokenizer": tokenizer,
+             "weights": weights}
+    settings = load_settings(Path(config).expanduser() if config else None, flags)
+    backend_loader("mlx")  # a clear "install the mlx extra" before any download
+    files = resolve_model_files(settings.active_model, settings.entry())
+    from mlx_ocr.quantize import convert as convert_snapshot  # noqa: PLC0415 - MLX only when converting
+
+    target = Path(output).expanduser()
+    sizes = convert_snapshot(Path(files.directory), target, bits=bits, group_size=groups,
+                             kind=settings.active_model, vision=_bool("vision", vision))
+    print(f"wrote {bits}-bit {settings.active_model} to {target}: weights {sizes['before'] / 2**30:.2f} GiB -> "
+          f"{sizes['after'] / 2**30:.2f} GiB; run it with --model-dir {target} --backend mlx", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------- argv
 _PARAMS = tuple(inspect.signature(ocr).parameters)
-_BARE_TRUE = ("bench", "ignore_eos", "clean", "crop_mode", "use_cache", "do_sample", "repetition_guard")
+_CONVERT_PARAMS = tuple(inspect.signature(convert).parameters)
+_BARE_TRUE = ("bench", "ignore_eos", "clean", "crop_mode", "use_cache", "do_sample", "repetition_guard", "vision")
 
 
-def normalize_argv(argv: Sequence[str]) -> list[str]:
+def normalize_argv(argv: Sequence[str], params: Sequence[str] = _PARAMS) -> list[str]:
     """Rewrite the user's argv into Fire arguments that keep every value a string (`--key='value'`), gather
     the repeated `--image`, and refuse unknown options and stray words with one clear line."""
     values: dict[str, Any] = {}
@@ -447,7 +483,7 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
             raise _user_error(f"unexpected argument {arg!r}; every option starts with -- (see --help)")
         name, has_value, value = arg[2:].partition("=")
         key = name.replace("-", "_")
-        if key not in _PARAMS:
+        if key not in params:
             raise _user_error(f"unknown option --{name} (see --help)")
         if not has_value:
             if index < len(args) and not args[index].startswith("--"):
@@ -471,6 +507,9 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 def _run(argv: Sequence[str]) -> None:
     import fire  # noqa: PLC0415
 
+    if argv and argv[0] == "convert":
+        fire.Fire(convert, command=normalize_argv(argv[1:], _CONVERT_PARAMS), name="deepseek-ocr-cli convert")
+        return
     fire.Fire(ocr, command=normalize_argv(argv), name="deepseek-ocr-cli")
 
 

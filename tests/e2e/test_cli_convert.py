@@ -1,0 +1,60 @@
+"""`deepseek-ocr-cli convert` and `--quantize` through the installed console script (MLX on the CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlx.core")
+
+CLI = shutil.which("deepseek-ocr-cli") or str(Path(sys.executable).with_name("deepseek-ocr-cli"))
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([CLI, *args, "--config", str(tmp_path / "config.toml")], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_convert_then_run_the_snapshot(tmp_path: Path, deepseek_tiny: Path) -> None:
+    out = tmp_path / "q8"
+    done = _run(["convert", "--quantize", "8", "--group-size", "32", "--model-dir", str(deepseek_tiny),
+                 "--output", str(out)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "8-bit" in done.stderr and json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
+    run = ["--model-dir", str(out), "--backend", "mlx", "--device", "cpu", "--dtype", "float32",
+           "--prompt", "Hello", "--max-new-tokens", "3", "--format", "json"]
+    converted = _run(run, tmp_path)
+    assert converted.returncode == 0, converted.stderr
+    load_time = _run(["--model-dir", str(deepseek_tiny), "--backend", "mlx", "--device", "cpu", "--dtype",
+                      "float32", "--quantize", "8", "--quantize-group-size", "32", "--prompt", "Hello",
+                      "--max-new-tokens", "3", "--format", "json"], tmp_path)
+    assert load_time.returncode == 0, load_time.stderr
+    assert json.loads(converted.stdout)["token_ids"] == json.loads(load_time.stdout)["token_ids"]
+
+
+def test_convert_user_errors_exit_2(tmp_path: Path, deepseek_tiny: Path) -> None:
+    missing = _run(["convert", "--model-dir", str(deepseek_tiny)], tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("error: convert needs --quantize")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep")
+    refused = _run(["convert", "--quantize", "4", "--model-dir", str(deepseek_tiny), "--output", str(busy)],
+                   tmp_path)
+    assert refused.returncode == 2 and "refusing to overwrite" in refused.stderr
+    assert (busy / "x").read_text() == "keep"
+    bits = _run(["convert", "--quantize", "3", "--model-dir", str(deepseek_tiny), "--output", str(tmp_path / "o")],
+                tmp_path)
+    assert bits.returncode == 2 and "4 or 8" in bits.stderr
+
+
+def test_quantize_on_torch_is_a_user_error(tmp_path: Path, deepseek_tiny: Path) -> None:
+    done = _run(["--model-dir", str(deepseek_tiny), "--backend", "torch", "--quantize", "4", "--prompt", "Hi",
+                 "--max-new-tokens", "1"], tmp_path)
+    assert done.returncode == 2 and "MLX backend" in done.stderr
