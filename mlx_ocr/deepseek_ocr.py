@@ -23,7 +23,7 @@ from common.errors import CheckpointError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from .cache import KVCache
-from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm
 from .loader import interpolation_matrix, load_module, resize_table
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
@@ -430,22 +430,13 @@ class DeepseekOCRModel(nn.Module):
         return self.norm(x)
 
 
-class DeepseekOCRForCausalLM(nn.Module):
+class DeepseekOCRForCausalLM(CausalLM):
     """The whole model; implements the shared model protocol (encode_images, prefill, step, make_cache)."""
 
     def __init__(self, cfg: DeepseekOCRConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.language)
         self.config = cfg
         self.model = DeepseekOCRModel(cfg)
-        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
-
-    @property
-    def device(self) -> str:
-        return str(mx.default_device())
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.model.norm.weight.dtype  # never quantized, unlike lm_head
 
     def _pixels(self, array: np.ndarray) -> mx.array:
         # (..., 3, S, S) channels-first NumPy -> channels-last for MLX's convolutions.
@@ -505,11 +496,6 @@ class DeepseekOCRForCausalLM(nn.Module):
         hidden = self.model.decode(self.model.embed_tokens(tokens), positions[:, None], cache)
         return self.lm_head(hidden[:, -1]).astype(mx.float32)
 
-    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
-        lm = self.config.language
-        return [KVCache(batch_size, lm.num_key_value_heads, lm.head_dim, max_length, dtype=self.dtype,
-                        device=self.device) for _ in range(lm.num_hidden_layers)]
-
 
 # ----------------------------------------------------------------------------------------------- loading
 
@@ -561,9 +547,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
          quantize_vision: bool = False) -> DeepseekOCRForCausalLM:
     """Build from config.json, read the original checkpoint (lazily: one copy) and assign it strictly.
 
-    `quantize` 4 or 8 quantizes the decoder after loading (`quantize_vision` adds the towers and projector).
-    A converted snapshot (config.json carries the quantization marker) is already in module layout and
-    quantized: it skips `sanitize` and loads as saved.
+    `quantize` 4 or 8 quantizes the decoder (`QUANTIZE_PREFIXES`), `quantize_vision` also the towers and
+    projector; a converted snapshot loads as saved (`loader.load_module`).
     """
     prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     return load_module(DeepseekOCRForCausalLM, DeepseekOCRConfig, config_path, weights_path, dtype=dtype,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from common.model_config import DeepseekV2Config, PaddleTextConfig
+
 from .cache import KVCache
 
 
@@ -104,3 +106,28 @@ class DecoderBlock(nn.Module):
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, cache: KVCache | None) -> mx.array:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Base of both top models: the untied `lm_head` and what the shared generate loop reads besides the four
+    calls (device, dtype, one KV cache per decoder layer), all from the decoder config. A subclass keeps its
+    decoder under `model`, whose final `norm` gives the dtype."""
+
+    def __init__(self, decoder: DeepseekV2Config | PaddleTextConfig) -> None:
+        super().__init__()
+        self.decoder_config = decoder
+        self.lm_head = nn.Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
+
+    @property
+    def device(self) -> str:
+        return str(mx.default_device())
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        return self.model.norm.weight.dtype  # never quantized, unlike lm_head
+
+    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
+        """One KVCache per decoder layer, in the model's dtype."""
+        d = self.decoder_config
+        return [KVCache(batch_size, d.num_key_value_heads, d.head_dim, max_length, dtype=self.dtype,
+                        device=self.device) for _ in range(d.num_hidden_layers)]

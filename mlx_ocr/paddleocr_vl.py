@@ -21,7 +21,7 @@ from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisio
 from common.paddleocr_vl import PaddleOCRVLInputs
 
 from .cache import KVCache
-from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm, apply_rope
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm, apply_rope
 from .loader import load_module, resize_table
 
 
@@ -239,24 +239,15 @@ class TextModel(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ top model
 
-class PaddleOCRVL(nn.Module):
+class PaddleOCRVL(CausalLM):
     """The whole model, attribute names = checkpoint prefixes: `visual`, `mlp_AR`, `model`, `lm_head`."""
 
     def __init__(self, config: PaddleOCRVLConfig) -> None:
-        super().__init__()
+        super().__init__(config.text)
         self.config = config
         self.visual = VisionModel(config.vision)
         self.mlp_AR = Projector(config)
         self.model = TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-
-    @property
-    def device(self) -> str:
-        return str(mx.default_device())
-
-    @property
-    def dtype(self) -> mx.Dtype:
-        return self.model.norm.weight.dtype  # never quantized, unlike lm_head
 
     def encode_images(self, inputs: PaddleOCRVLInputs) -> mx.array | None:
         """(N_image_tokens, hidden) in the model dtype, images in prompt order; None when there are none."""
@@ -291,12 +282,6 @@ class PaddleOCRVL(nn.Module):
         pos = mx.broadcast_to(positions.reshape(1, -1, 1), (3, positions.shape[0], 1))
         hidden = self.model(x, pos, cache)
         return self._logits(hidden[:, -1])
-
-    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
-        """One KVCache per decoder layer."""
-        t = self.config.text
-        return [KVCache(batch_size, t.num_key_value_heads, t.head_dim, max_length, dtype=self.dtype,
-                        device=self.device) for _ in range(t.num_hidden_layers)]
 
 
 # Original name -> module name. Empty: the modules are named after the checkpoint.
@@ -337,9 +322,8 @@ def load(config_path: str | Path, weights_path: str | Path, *, dtype: str = "bfl
          quantize_vision: bool = False) -> PaddleOCRVL:
     """Build from config.json and assign the original safetensors strictly (lazily: one copy of the weights).
 
-    `quantize` 4 or 8 quantizes the decoder after loading (`quantize_vision` adds the towers and projector).
-    A converted snapshot (config.json carries the quantization marker) is already in module layout and
-    quantized: it skips `sanitize` and loads as saved.
+    `quantize` 4 or 8 quantizes the decoder (`QUANTIZE_PREFIXES`), `quantize_vision` also the tower and
+    projector; a converted snapshot loads as saved (`loader.load_module`).
     """
     prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     return load_module(PaddleOCRVL, PaddleOCRVLConfig, config_path, weights_path, dtype=dtype, device=device,

@@ -21,7 +21,7 @@ from common.errors import CheckpointError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from .cache import KVCache
-from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm
 from .loader import load_module
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
@@ -418,22 +418,13 @@ class DeepseekOCRModel(nn.Module):
         return self.norm(x)
 
 
-class DeepseekOCRForCausalLM(nn.Module):
+class DeepseekOCRForCausalLM(CausalLM):
     """The whole model; implements the shared model protocol (encode_images, prefill, step, make_cache)."""
 
     def __init__(self, cfg: DeepseekOCRConfig) -> None:
-        super().__init__()
+        super().__init__(cfg.language)
         self.config = cfg
         self.model = DeepseekOCRModel(cfg)
-        self.lm_head = nn.Linear(cfg.language.hidden_size, cfg.language.vocab_size, bias=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     def _pixels(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
@@ -496,11 +487,6 @@ class DeepseekOCRForCausalLM(nn.Module):
         tokens = token_ids.to(self.device, torch.int64)[:, None]
         hidden = self.model.decode(self.model.embed_tokens(tokens), positions.to(self.device)[:, None], cache)
         return self.lm_head(hidden[:, -1]).float()
-
-    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
-        lm = self.config.language
-        return [KVCache(batch_size, lm.num_key_value_heads, lm.head_dim, max_length, dtype=self.dtype,
-                        device=self.device) for _ in range(lm.num_hidden_layers)]
 
 
 # ----------------------------------------------------------------------------------------------- loading

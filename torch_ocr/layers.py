@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.model_config import DeepseekV2Config, PaddleTextConfig
+
 from .cache import KVCache
 
 
@@ -109,3 +111,27 @@ class DecoderBlock(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nn.Module):
+    """Base of both top models: the untied `lm_head` and what the shared generate loop reads besides the four
+    calls (device, dtype, one KV cache per decoder layer), all from the decoder config."""
+
+    def __init__(self, decoder: DeepseekV2Config | PaddleTextConfig) -> None:
+        super().__init__()
+        self.decoder_config = decoder
+        self.lm_head = nn.Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
+        """One preallocated KVCache per decoder layer, in the model's dtype on its device."""
+        d = self.decoder_config
+        return [KVCache(batch_size, d.num_key_value_heads, d.head_dim, max_length, dtype=self.dtype,
+                        device=self.device) for _ in range(d.num_hidden_layers)]

@@ -22,7 +22,7 @@ from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisio
 from common.paddleocr_vl import PaddleOCRVLInputs
 
 from .cache import KVCache
-from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm, apply_rope
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm, apply_rope
 from .loader import load_module
 
 
@@ -234,24 +234,15 @@ class TextModel(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ top model
 
-class PaddleOCRVL(nn.Module):
+class PaddleOCRVL(CausalLM):
     """The whole model, attribute names = checkpoint prefixes: `visual`, `mlp_AR`, `model`, `lm_head`."""
 
     def __init__(self, config: PaddleOCRVLConfig) -> None:
-        super().__init__()
+        super().__init__(config.text)
         self.config = config
         self.visual = VisionModel(config.vision)
         self.mlp_AR = Projector(config)
         self.model = TextModel(config.text)
-        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
 
     @torch.no_grad()
     def encode_images(self, inputs: PaddleOCRVLInputs) -> torch.Tensor | None:
@@ -289,12 +280,6 @@ class PaddleOCRVL(nn.Module):
         pos = positions.to(self.device).view(1, -1, 1).expand(3, -1, -1)
         hidden = self.model(x, pos, cache)
         return self._logits(hidden[:, -1])
-
-    def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
-        """One preallocated KVCache per decoder layer."""
-        t = self.config.text
-        return [KVCache(batch_size, t.num_key_value_heads, t.head_dim, max_length, dtype=self.dtype,
-                        device=self.device) for _ in range(t.num_hidden_layers)]
 
 
 # Original name -> module name. Empty: the modules are named after the checkpoint.
