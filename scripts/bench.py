@@ -160,13 +160,25 @@ def _metal_available() -> bool | None:
         return False
 
 
+def _revision() -> str | None:
+    """The commit measured, '+dirty' when the work tree has uncommitted edits (numbers depend on them)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def platform_info() -> dict[str, Any]:
     """What a reader needs to compare numbers between machines (a Mac user pastes this with the table)."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     return {"platform": platform.platform(), "machine": platform.machine(), "chip": _chip(),
             "cpu_count": os.cpu_count(), "memory_gb": round(memory / 1e9, 1) if memory else None,
             "python": platform.python_version(), "torch": _version("torch"), "transformers": _version("transformers"),
-            "mlx": _version("mlx"), "metal_available": _metal_available()}
+            "mlx": _version("mlx"), "metal_available": _metal_available(), "revision": _revision()}
 
 
 # ------------------------------------------------------------------------------------------------- our worker

@@ -47,7 +47,7 @@ def test_deepseek_ours_only_without_reference_setup(tmp_path: Path, deepseek_tin
     _check_run(run)
     assert set(STAGES) <= set(run["timings_ms"])
     assert data["ratios"] == [] and data["max_new_tokens"] == 2
-    for key in ("platform", "chip", "mlx", "metal_available", "torch"):
+    for key in ("platform", "chip", "mlx", "metal_available", "torch", "revision"):
         assert key in data["platform"]
     for header in ("load s", "TTFT ms", "prefill t/s", "decode t/s", "GB/s", "peak RSS GB", *STAGES):
         assert header in stdout
