@@ -8,6 +8,8 @@ identity. DeepSeek-OCR rotates q and k with `mx.fast.rope` between `project` and
 """
 from __future__ import annotations
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -43,6 +45,12 @@ def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + rotate_half(x) * sin
 
 
+@partial(mx.compile, shapeless=True)
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one fused kernel (compiled once for every shape, as mlx-lm's SwitchGLU does)."""
+    return nn.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)): DeepseekV2MLP (dense layers, shared experts) and ERNIE-4.5's MLP."""
 
@@ -53,7 +61,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class CausalAttention(nn.Module):

@@ -43,6 +43,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the MLX mirror compiles it into one fused kernel)."""
+    return F.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)): DeepseekV2MLP (dense layers, shared experts) and ERNIE-4.5's MLP."""
 
@@ -53,7 +58,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class CausalAttention(nn.Module):
