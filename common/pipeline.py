@@ -140,9 +140,8 @@ def _on_apple_silicon() -> bool:
 def _mlx_has_metal() -> bool:
     if importlib.util.find_spec("mlx") is None:
         return False
-    try:
-        import mlx.core as mx  # noqa: PLC0415 - only on Apple Silicon, and only to ask about Metal
-        return bool(mx.metal.is_available())
+    try:  # the backend asks MLX itself: common/ never imports a framework
+        return bool(importlib.import_module("mlx_ocr.backend").metal_available())
     except Exception:  # noqa: BLE001 - a broken MLX install just means "not MLX"
         return False
 

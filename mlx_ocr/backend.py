@@ -55,6 +55,11 @@ def _sync_for(device: str):
     return mx.synchronize
 
 
+def metal_available() -> bool:
+    """Whether MLX can run on a Metal GPU here (what `--backend auto` asks on Apple Silicon)."""
+    return bool(mx.metal.is_available())
+
+
 class MLXModel:
     """A loaded model plus where it runs; `generate` is the shared loop in mlx_ocr/generate.py."""
 
