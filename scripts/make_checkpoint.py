@@ -1,7 +1,7 @@
 """Write a random-weight checkpoint directory laid out exactly like a model's hub snapshot.
 
-    python scripts/make_checkpoint.py deepseek-ocr --size tiny --out /tmp/ds-tiny
-    python scripts/make_checkpoint.py paddleocr-vl --size full --out /tmp/pv-full --seed 0
+    python scripts/make_checkpoint.py deepseek-ocr --size tiny --out ds-tiny
+    python scripts/make_checkpoint.py paddleocr-vl --size full --out pv-full --seed 0
 
 `tiny` builds in seconds (tests use it through a cached fixture); `full` has the real dimensions (benchmarks).
 Real tensor names and config.json structure, tokenizer files with the special tokens at their real ids, weights
