@@ -178,18 +178,23 @@ def make_processors(options: SamplingOptions) -> list[Processor]:
     return processors
 
 
-def make_warpers(options: SamplingOptions) -> list[Callable[[np.ndarray], np.ndarray]]:
-    """Temperature -> top-k -> top-p, only when sampling (each only when it changes anything)."""
+def warper_steps(options: SamplingOptions) -> list[tuple[str, float | int]]:
+    """(rule, value) of the warpers that change anything, in transformers' order: temperature -> top_k ->
+    top_p; none when greedy. Every backend builds its warpers from this list, so the order lives here once."""
     if is_greedy(options):
         return []
-    warpers: list[Callable[[np.ndarray], np.ndarray]] = []
-    if options.temperature != 1.0:
-        warpers.append(lambda x: apply_temperature(x, options.temperature))
-    if options.top_k > 0:
-        warpers.append(lambda x: apply_top_k(x, options.top_k))
-    if options.top_p < 1.0:
-        warpers.append(lambda x: apply_top_p(x, options.top_p))
-    return warpers
+    steps = [("temperature", options.temperature, options.temperature != 1.0),
+             ("top_k", options.top_k, options.top_k > 0),
+             ("top_p", options.top_p, options.top_p < 1.0)]
+    return [(name, value) for name, value, active in steps if active]
+
+
+WARPERS = {"temperature": apply_temperature, "top_k": apply_top_k, "top_p": apply_top_p}
+
+
+def make_warpers(options: SamplingOptions) -> list[Callable[[np.ndarray], np.ndarray]]:
+    """The warpers of `warper_steps`, as functions of the logits."""
+    return [lambda x, rule=WARPERS[name], value=value: rule(x, value) for name, value in warper_steps(options)]
 
 
 def make_sampler(options: SamplingOptions) -> Sampler:

@@ -13,7 +13,7 @@ from typing import Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler, make_repetition_penalty as mlx_lm_repetition_penalty
 
-from common.sampling import NGramBans, SamplingOptions, check_options, is_greedy
+from common.sampling import NGramBans, SamplingOptions, check_options, is_greedy, warper_steps
 
 Processor = Callable[[mx.array, mx.array], mx.array]
 Sampler = Callable[[mx.array], mx.array]
@@ -82,18 +82,12 @@ def make_processors(options: SamplingOptions) -> list[Processor]:
     return processors
 
 
+WARPERS = {"temperature": apply_temperature, "top_k": apply_top_k, "top_p": apply_top_p}
+
+
 def make_warpers(options: SamplingOptions) -> list[Callable[[mx.array], mx.array]]:
-    """Temperature -> top-k -> top-p, only when sampling."""
-    if is_greedy(options):
-        return []
-    warpers: list[Callable[[mx.array], mx.array]] = []
-    if options.temperature != 1.0:
-        warpers.append(lambda x: apply_temperature(x, options.temperature))
-    if options.top_k > 0:
-        warpers.append(lambda x: apply_top_k(x, options.top_k))
-    if options.top_p < 1.0:
-        warpers.append(lambda x: apply_top_p(x, options.top_p))
-    return warpers
+    """The warpers of `common.sampling.warper_steps` (temperature -> top-k -> top-p, only when sampling)."""
+    return [lambda x, rule=WARPERS[name], value=value: rule(x, value) for name, value in warper_steps(options)]
 
 
 def make_sampler(options: SamplingOptions) -> Sampler:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from common.sampling import NGramBans, SamplingOptions, check_options, is_greedy
+from common.sampling import NGramBans, SamplingOptions, check_options, is_greedy, warper_steps
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Sampler = Callable[[torch.Tensor], torch.Tensor]
@@ -73,18 +73,12 @@ def make_processors(options: SamplingOptions) -> list[Processor]:
     return processors
 
 
+WARPERS = {"temperature": apply_temperature, "top_k": apply_top_k, "top_p": apply_top_p}
+
+
 def make_warpers(options: SamplingOptions) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """Temperature -> top-k -> top-p, only when sampling."""
-    if is_greedy(options):
-        return []
-    warpers: list[Callable[[torch.Tensor], torch.Tensor]] = []
-    if options.temperature != 1.0:
-        warpers.append(lambda x: apply_temperature(x, options.temperature))
-    if options.top_k > 0:
-        warpers.append(lambda x: apply_top_k(x, options.top_k))
-    if options.top_p < 1.0:
-        warpers.append(lambda x: apply_top_p(x, options.top_p))
-    return warpers
+    """The warpers of `common.sampling.warper_steps` (temperature -> top-k -> top-p, only when sampling)."""
+    return [lambda x, rule=WARPERS[name], value=value: rule(x, value) for name, value in warper_steps(options)]
 
 
 def make_sampler(options: SamplingOptions) -> Sampler:
