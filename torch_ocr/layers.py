@@ -15,7 +15,7 @@ from torch import nn
 
 from common.model_config import DeepseekV2Config, PaddleTextConfig
 
-from .cache import KVCache
+from .cache import KVCache, SlotCache
 
 
 class RMSNorm(nn.Module):
@@ -86,13 +86,14 @@ class CausalAttention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Rotated q, k and v of the new positions -> (B, L, D) after `o_proj`; appends k, v to the cache."""
         b, _, length, _ = q.shape
+        mask, causal = None, False
         if cache is not None:
             k, v = cache.update(k, v)
+            mask = cache.mask  # rows of different lengths in a batched step (SlotCache)
         total = k.shape[2]
-        mask, causal = None, False
-        if length == total:
+        if mask is None and length == total:
             causal = length > 1
-        elif length > 1:  # a chunk after cached positions: query i sees keys up to (total - length + i)
+        elif mask is None and length > 1:  # a chunk after cached positions: query i sees keys to (total - length + i)
             mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.kv_heads != self.heads)
@@ -140,3 +141,9 @@ class CausalLM(nn.Module):
         d = self.decoder_config
         return [KVCache(batch_size, d.num_key_value_heads, d.head_dim, max_length, dtype=self.dtype,
                         device=self.device) for _ in range(d.num_hidden_layers)]
+
+    def make_slot_cache(self, max_batch: int, capacity: int) -> SlotCache:
+        """The engine's cache: `max_batch` slots of `capacity` positions for every decoder layer."""
+        d = self.decoder_config
+        return SlotCache(d.num_hidden_layers, max_batch, d.num_key_value_heads, d.head_dim, capacity,
+                         dtype=self.dtype, device=self.device)

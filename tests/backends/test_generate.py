@@ -1,4 +1,4 @@
-"""The shared generate loop (torch_ocr/generate.py, mlx_ocr/generate.py) on a toy model with the real protocol.
+"""The single-sequence path (torch_ocr/generate.py, mlx_ocr/generate.py: the engine with one slot) on a toy model with the real protocol.
 
 The toy is a real computation: embeddings (image rows spliced in at the image token), position-rotated keys kept
 in the backend's KVCache, one attention read-out and a linear head, so a wrong cache, position or history changes
@@ -77,6 +77,12 @@ class TorchToy:
     def make_cache(self, batch_size: int, max_length: int):
         from torch_ocr.cache import KVCache
         return [KVCache(batch_size, 1, D, max_length, dtype=self.t.float32, device="cpu")]
+
+    device = "cpu"
+
+    def make_slot_cache(self, max_batch: int, capacity: int):
+        from torch_ocr.cache import SlotCache
+        return SlotCache(1, max_batch, 1, D, capacity, dtype=self.t.float32, device="cpu")
 
 
 class MLXToy:
