@@ -1,6 +1,7 @@
 """Settings shared by the CLI and the server: config.toml, command-line flags and per-request overrides.
 
-Precedence is command-line flag > config.toml > built-in default, and on the server a request's fields override
+Precedence is command-line flag > config.toml > built-in default (for sampling keys: the model family's own
+defaults, applied by the pipeline where a key stays unset), and on the server a request's fields override
 the result for that request only (`InferenceSettings.with_overrides`). Every value, whatever its origin, is checked
 by the same rules (`RULES` and `check_value`), so a bad value reads the same way in all three places; only the
 prefix differs: the file and key for config.toml (`ConfigError`), the flag for the command line, the request field
@@ -29,7 +30,7 @@ else:  # Python 3.10 has no tomllib; tomli is the same parser, published separat
 
 from .errors import ConfigError, UnknownModelError, UserError
 from .prompts import DEEPSEEK_TEMPLATES as TEMPLATES  # the templates the prompt renderer knows
-from .registry import MODEL_IDS
+from .models import family_ids, model_options
 from .sampling import SamplingOptions
 
 APP = "deepseek-ocr"
@@ -38,8 +39,9 @@ CONFIG_NAME = "config.toml"
 DEVICES = ("auto", "cpu", "cuda", "metal")
 BACKENDS = ("auto", "torch", "mlx")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-MODES = ("tiny", "small", "base", "large", "gundam")   # DeepSeek-OCR size presets
-TASKS = ("ocr", "table", "formula", "chart")           # PaddleOCR-VL prompt shortcuts
+MODEL_IDS = family_ids()
+#: Keys only one model family understands (DeepSeek-OCR's `mode`, PaddleOCR-VL's `task`), from the registry.
+MODEL_OPTIONS = {option.name: option for option in model_options()}
 
 # The vLLM recipe's repetition guard (see InferenceSettings.sampling).
 GUARD_NGRAM_SIZE = 30
@@ -76,33 +78,48 @@ INFERENCE_RULES: dict[str, Rule] = {
     "base_size": _int(16, 8192),
     "image_size": _int(16, 8192),
     "crop_mode": _BOOL,
-    "mode": _choice(MODES, optional=True),
-    "task": _choice(TASKS, optional=True),
+    **{name: _choice(option.choices, optional=True) for name, option in MODEL_OPTIONS.items()},
     "max_new_tokens": _int(1),
     "use_cache": _BOOL,
     "repetition_guard": _BOOL,
     "quantize": Rule(int, "4 | 8 (MLX backend)", lambda v: v in (4, 8), optional=True),
     "quantize_group_size": Rule(int, "32 | 64 | 128", lambda v: v in (32, 64, 128)),
-    "do_sample": _BOOL,
-    "temperature": Rule(float, "a number >= 0", lambda v: v >= 0),
-    "top_p": Rule(float, "a number > 0 and <= 1", lambda v: 0 < v <= 1),
-    "top_k": _int(0),
-    "repetition_penalty": Rule(float, "a number > 0", lambda v: v > 0),
-    "no_repeat_ngram_size": _int(0),
+    # Sampling keys may stay unset (None): the model's own generation defaults then apply.
+    "do_sample": Rule(bool, "true | false", optional=True),
+    "temperature": Rule(float, "a number >= 0", lambda v: v >= 0, optional=True),
+    "top_p": Rule(float, "a number > 0 and <= 1", lambda v: 0 < v <= 1, optional=True),
+    "top_k": _int(0, optional=True),
+    "repetition_penalty": Rule(float, "a number > 0", lambda v: v > 0, optional=True),
+    "no_repeat_ngram_size": _int(0, optional=True),
     "seed": _int(0, 2**63 - 1, optional=True),
 }
+
+_SECONDS = Rule(float, "a number of seconds > 0", lambda v: v > 0)
 
 SERVER_RULES: dict[str, Rule] = {
     "host": Rule(str, "a host name or IP address", lambda v: v.strip() != ""),
     "port": _int(0, 65535),
-    "api_key": Rule(str, "a non-empty string", lambda v: v != "", optional=True),
+    "api_key": Rule(str, "a non-blank string", lambda v: v.strip() != "", optional=True),
+    "api_key_file": Rule(str, "a file path", lambda v: v.strip() != "", optional=True),
+    "insecure_no_auth": _BOOL,
     "allow_private_urls": _BOOL,
     "max_request_bytes": _int(1),
     "max_image_pixels": _int(1),
+    "max_images_per_request": _int(1),
+    "max_request_pixels": _int(1),
+    "max_inflight_pixels": _int(1),
+    "max_inflight_requests": _int(0),
+    "decode_workers": _int(1, 64),
     "queue_size": _int(1),
     "max_resident_models": _int(1),
-    "image_fetch_timeout_s": Rule(float, "a number of seconds > 0", lambda v: v > 0),
+    "image_fetch_timeout_s": _SECONDS,
     "image_max_bytes": _int(1),
+    "max_image_urls": _int(0),
+    "image_fetch_request_bytes": _int(1),
+    "image_fetch_request_timeout_s": _SECONDS,
+    "request_timeout_s": _SECONDS,
+    "keep_alive_timeout_s": _SECONDS,
+    "max_connections": _int(0),
 }
 
 ENTRY_KEYS = ("config", "tokenizer", "weights", "model_dir")
@@ -161,7 +178,12 @@ def _convert(kind: type, value: Any, lenient: bool) -> Any:
 # --------------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class InferenceSettings:
-    """The [inference] keys: how to run a model and how to sample. Defaults match the official inference code."""
+    """The [inference] keys: how to run a model and how to sample. Defaults match the official inference code.
+
+    A sampling key left None was given nowhere: `sampling(defaults)` fills it from the model's own defaults, so a
+    value the user gave is kept even when it equals a built-in one. A `mode` preset and the keys it sets stay
+    consistent: a later layer that sets one of those keys clears the preset (see `_layer`).
+    """
 
     device: str = "auto"
     backend: str = "auto"
@@ -170,25 +192,26 @@ class InferenceSettings:
     base_size: int = 1024
     image_size: int = 640
     crop_mode: bool = True
-    mode: str | None = None            # a DeepSeek-OCR preset replacing base_size/image_size/crop_mode
+    mode: str | None = None            # a DeepSeek-OCR preset standing for base_size/image_size/crop_mode
     task: str | None = None            # a PaddleOCR-VL prompt shortcut
     max_new_tokens: int = 512
     use_cache: bool = True
     repetition_guard: bool = False
     quantize: int | None = None        # MLX: quantize the decoder to 4 or 8 bits at load time
     quantize_group_size: int = 64
-    do_sample: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 20
+    do_sample: bool | None = None      # sampling keys: None = the model's default (SamplingOptions' for DeepSeek-OCR)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: int | None = None
     seed: int | None = None
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> InferenceSettings:
         """These settings with per-request values on top; None means "not given".
 
-        Raises `UserError` (param = the key) for an unknown key or a value its rule refuses.
+        Raises `UserError` (param = the key) for an unknown key, a value its rule refuses, or a preset given with
+        a key it sets (`mode` with `base_size`).
         """
         changes = {}
         for key, value in overrides.items():
@@ -200,41 +223,77 @@ class InferenceSettings:
                 changes[key] = check_value("inference", key, value, lenient=True)
             except InvalidValue as error:
                 raise UserError(f"{key}: {error}", param=key) from None
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_layer(dataclasses.asdict(self), changes, lambda key: key))
 
-    def sampling(self) -> SamplingOptions:
-        """The sampling rules these settings ask for.
+    def sampling(self, defaults: SamplingOptions = SamplingOptions()) -> SamplingOptions:
+        """The sampling rules these settings ask for, `defaults` (the model's) where a key is unset.
 
         With `repetition_guard` the n-gram ban becomes the vLLM recipe's (size 30 over the last 90 tokens); the
         ids it exempts (table cells) depend on the tokenizer, so the pipeline adds them with `dataclasses.replace`.
         """
-        guard = self.repetition_guard
-        return SamplingOptions(
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            no_repeat_ngram_size=GUARD_NGRAM_SIZE if guard else self.no_repeat_ngram_size,
-            ngram_window=GUARD_WINDOW if guard else 0,
-            seed=self.seed,
-        )
+        given = {key: getattr(self, key) for key in SAMPLING_KEYS if getattr(self, key) is not None}
+        options = dataclasses.replace(defaults, **given, seed=self.seed)
+        if self.repetition_guard:
+            options = dataclasses.replace(options, no_repeat_ngram_size=GUARD_NGRAM_SIZE, ngram_window=GUARD_WINDOW)
+        return options
+
+
+#: The [inference] keys that are sampling rules (`SamplingOptions` fields of the same names).
+SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+
+
+def _layer(lower: Mapping[str, Any], upper: Mapping[str, Any], spell: Callable[[str], str]) -> dict[str, Any]:
+    """`upper`'s [inference] values over `lower`'s, keeping presets (`mode`) consistent with the keys they set.
+
+    A preset and a key it sets in the same layer is a `UserError` (`spell` names them as the user typed them).
+    A layer that sets such a key without the preset turns the lower layer's preset into its values first, so the
+    typed key wins and the preset's other keys are kept: `mode = "tiny"` below `--base-size 800` gives
+    base_size 800 with tiny's image_size and crop_mode.
+    """
+    merged = {**lower, **upper}
+    for name, option in MODEL_OPTIONS.items():
+        typed = [key for key in option.replaces if key in upper]
+        if not typed:
+            continue
+        if upper.get(name) is not None:
+            raise UserError(f"{spell(name)} is a preset of {', '.join(map(spell, option.replaces))}; give "
+                            f"{spell(name)} or {spell(typed[0])}, not both", param=name)
+        preset = option.presets.get(lower.get(name) or "", {})
+        merged.update({**preset, **{key: upper[key] for key in typed}, name: None})
+    return merged
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """The [server] keys: where to listen and the limits that protect the server."""
+    """The [server] keys: where to listen and the limits that protect the server.
 
-    host: str = "0.0.0.0"
+    Safe by default: loopback only, and a non-loopback host needs an API key (or `insecure_no_auth`). Every
+    resource a request can make the server spend (body, images, pixels, URL fetches, connections, time) has a cap.
+    """
+
+    host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_key_file: str | None = None      # a file holding the key, so it is not on the command line
+    insecure_no_auth: bool = False       # allow a non-loopback host without an API key
     allow_private_urls: bool = False
     max_request_bytes: int = 50 * 1024 * 1024
-    max_image_pixels: int = 64_000_000
+    max_image_pixels: int = 64_000_000   # one image
+    max_images_per_request: int = 16
+    max_request_pixels: int = 64_000_000     # all images of one request
+    max_inflight_pixels: int = 192_000_000   # all admitted requests together (RGB: 3 bytes a pixel)
+    max_inflight_requests: int = 0       # admitted at once; 0 = queue_size + 1 (the queue and the running one)
+    decode_workers: int = 2              # threads decoding images and parsing bodies
     queue_size: int = 16
     max_resident_models: int = 1
     image_fetch_timeout_s: float = 10.0
     image_max_bytes: int = 20 * 1024 * 1024
+    max_image_urls: int = 8              # http(s) image URLs in one request
+    image_fetch_request_bytes: int = 40 * 1024 * 1024   # all fetches of one request
+    image_fetch_request_timeout_s: float = 30.0          # all fetches of one request
+    request_timeout_s: float = 60.0      # header + body, from the first byte (does not restart per byte)
+    keep_alive_timeout_s: float = 15.0   # an idle kept-alive connection is closed after this
+    max_connections: int = 100           # open connections; more are answered 503 and closed (0 = no cap)
 
 
 @dataclass(frozen=True)
@@ -303,7 +362,7 @@ def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}
         raise TypeError(f"load_settings: unknown flag names {unknown} (known: {', '.join(FLAG_NAMES)})")
 
     file_models = _parse_models(path, raw.get("models", {}))
-    active = file_models.pop("", None) or "deepseek-ocr"
+    active = file_models.pop("", None) or MODEL_IDS[0]
     if "model" in given:
         active = str(given["model"])
         if active not in MODEL_IDS:
@@ -314,10 +373,9 @@ def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}
     sections = {}
     for section, rules in RULES.items():
         values = _parse_section(path, section, raw.get(section, {}))
-        for key in rules:
-            if key in given:
-                values[key] = _check_flag(section, key, given[key])
-        sections[section] = values
+        typed = {key: _check_flag(section, key, given[key]) for key in rules if key in given}
+        # A typed flag beats config.toml, presets included (see `_layer`); [server] has no presets.
+        sections[section] = _layer(values, typed, _flag) if section == "inference" else {**values, **typed}
     return Settings(
         active_model=active,
         models=models,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import json
 import logging
 import platform
 import threading
@@ -28,13 +27,11 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from . import deepseek_ocr, paddleocr_vl
 from .backend import LoadedModel, LoadModel
-from .errors import ModelFilesError, UserError
-from .model_config import DeepseekOCRConfig, PaddleOCRVLConfig
+from .errors import UserError
 from .generation import GeneratedToken, GenerationOptions
 from .images import to_rgb
-from .prompts import paddle_prompt_text, render_deepseek
+from .models import ModelFamily, check_family_options, get_family, read_json as _read_json
 from .registry import get_model
 from .sampling import SamplingOptions
 from .timing import Timings
@@ -92,8 +89,8 @@ class _Resident:
     stop_ids: tuple[int, ...]
     guard_exempt_ids: tuple[int, ...]
     generation_config: dict[str, Any]
-    chat_template: str | None = None                   # PaddleOCR-VL only
-    preprocessor: dict[str, Any] = field(default_factory=dict)
+    family: ModelFamily
+    extras: dict[str, Any] = field(default_factory=dict)   # the family's side files (`ModelFamily.load_extras`)
     max_positions: int | None = None                   # the decoder's max_position_embeddings
 
 
@@ -110,18 +107,6 @@ class _TimedEncoder:
             return self._tokenizer.encode(text)
         finally:
             self.elapsed_ms += (time.perf_counter() - start) * 1000.0
-
-
-def _read_json(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFilesError(f"cannot read {Path(path).name}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelFilesError(f"{Path(path).name} is not a JSON object")
-    return data
 
 
 def _eos_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -230,17 +215,15 @@ class Pipeline:
         log.info("loaded %s on %s/%s/%s in %.1f s", model_id, model.backend, model.device, model.dtype,
                  time.perf_counter() - started)
         generation_config = _read_json(files.generation_config)
+        family = get_family(model_id)
         resident = _Resident(
             model_id=model_id, model=model, tokenizer=tokenizer,
             stop_ids=_eos_ids(generation_config, tokenizer),
             guard_exempt_ids=tuple(i for t in GUARD_EXEMPT_TOKENS if (i := tokenizer.token_to_id(t)) is not None),
-            generation_config=generation_config, max_positions=_max_positions(model_id, Path(files.config)))
+            generation_config=generation_config, family=family, extras=family.load_extras(files),
+            max_positions=_max_positions(family, Path(files.config)))
         if not resident.stop_ids:
             log.warning("%s: no EOS id in the tokenizer or generation_config.json; answers end at the cap", model_id)
-        if model_id == "paddleocr-vl":
-            resident.chat_template = (Path(files.chat_template).read_text(encoding="utf-8") if files.chat_template
-                                      else paddleocr_vl.load_chat_template(Path(files.config).parent))
-            resident.preprocessor = _read_json(files.preprocessor_config)
         return resident
 
     # ------------------------------------------------------------------------------------------- requests
@@ -248,6 +231,7 @@ class Pipeline:
         """(inference settings for this request, generation options), overrides checked by the config rules."""
         overrides = dict(overrides)
         extra = {key: overrides.pop(key) for key in REQUEST_ONLY_KEYS if key in overrides}
+        check_family_options(resident.model_id, overrides)
         for key in LOAD_KEYS:
             value = overrides.pop(key, None)
             if value is not None and value != getattr(self.settings.inference, key):
@@ -267,42 +251,24 @@ class Pipeline:
         return inference, options
 
     def _sampling(self, resident: _Resident, inference: Any) -> SamplingOptions:
-        sampling = inference.sampling()
-        if resident.model_id == "paddleocr-vl":
-            # The built-in defaults are DeepSeek-OCR's (no-repeat 20-gram); where a value is still the built-in
-            # default, PaddleOCR-VL's own generation defaults (plain greedy) apply instead.
-            builtin = type(inference)().sampling()
-            model = paddleocr_vl.generation_defaults(resident.generation_config).sampling
-            sampling = dataclasses.replace(sampling, **{
-                f.name: getattr(model, f.name) for f in dataclasses.fields(SamplingOptions)
-                if getattr(sampling, f.name) == getattr(builtin, f.name)})
+        # The model family's defaults first; any key set in config.toml, a flag or the request replaces them.
+        sampling = inference.sampling(resident.family.generation_defaults(resident.generation_config))
         if inference.repetition_guard:
             sampling = dataclasses.replace(sampling, ngram_exempt_ids=resident.guard_exempt_ids)
         return sampling
 
     def _build_inputs(self, resident: _Resident, request: Request, inference: Any, timings: Timings) -> Any:
         """Render the prompt and build the model's inputs, booking the three preparation stages."""
+        family = resident.family
         with timings.measure("prompt.render"):
-            if resident.model_id == "deepseek-ocr":
-                prompt = render_deepseek(request.prompt, inference.template)
-            else:
-                prompt = paddle_prompt_text(request.prompt)
-                if inference.task:
-                    prompt = _with_task(prompt, paddleocr_vl.task_prompt(inference.task))
+            prompt = family.render_prompt(request.prompt, inference)
         encoder = _TimedEncoder(resident.tokenizer, timings)
         start = time.perf_counter()
         # Front ends normally hand over RGB already (common.images); anything else is converted as the official
         # loaders do, so a library caller cannot feed RGBA or palette pixels to the preprocessing.
         images = [im if im.mode == "RGB" else to_rgb(im) for im in request.images]
-        if resident.model_id == "deepseek-ocr":
-            base_size, image_size, crop_mode = (deepseek_ocr.MODES[inference.mode] if inference.mode else
-                                                (inference.base_size, inference.image_size, inference.crop_mode))
-            inputs = deepseek_ocr.build_inputs(prompt, images, encoder, base_size=base_size,
-                                               image_size=image_size, crop_mode=crop_mode)
-        else:
-            inputs = paddleocr_vl.build_inputs(prompt, images, encoder, resident.chat_template or "",
-                                               resident.preprocessor)
-        # Tokenizing happens inside build_inputs; everything else there is image work.
+        inputs = family.prepare(prompt, images, encoder, inference, resident.extras)
+        # Tokenizing happens inside prepare; everything else there is image work.
         total_ms = (time.perf_counter() - start) * 1000.0
         timings.add("prompt.build_tokens", encoder.elapsed_ms)
         timings.add("vision.prepare_inputs", total_ms - encoder.elapsed_ms)
@@ -371,11 +337,9 @@ def _quantize_options(inference: Any) -> dict[str, Any]:
     return {"quantize": inference.quantize, "group_size": inference.quantize_group_size}
 
 
-def _max_positions(model_id: str, config_path: Path) -> int:
+def _max_positions(family: ModelFamily, config_path: Path) -> int:
     """The decoder's context length from config.json (the KV cache is sized from it per request)."""
-    if model_id == "deepseek-ocr":
-        return DeepseekOCRConfig.from_file(config_path).language.max_position_embeddings
-    return PaddleOCRVLConfig.from_file(config_path).text.max_position_embeddings
+    return family.max_positions(config_path)
 
 
 def _fit_context(options: GenerationOptions, prompt_tokens: int, max_positions: int | None) -> GenerationOptions:
@@ -388,12 +352,3 @@ def _fit_context(options: GenerationOptions, prompt_tokens: int, max_positions: 
                         f"{max_positions}; use fewer or smaller images (e.g. a smaller --mode)", param="prompt")
     room = max_positions - prompt_tokens
     return dataclasses.replace(options, max_new_tokens=min(options.max_new_tokens, room))
-
-
-def _with_task(prompt: str, task_text: str) -> str:
-    """A PaddleOCR-VL task replaces the prompt's text (its leading placeholders are already gone: the template
-    puts images first). Placeholders inside the text cannot be kept around a replaced text."""
-    if "<image>" in prompt:
-        raise UserError("a task replaces the prompt text; with a task, put <image> placeholders only at the "
-                        "start of the prompt", param="task")
-    return task_text

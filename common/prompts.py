@@ -22,11 +22,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
 
-#: What the CLI uses when only images are given (official DeepSeek-OCR README prompt; PaddleOCR-VL's OCR task).
-DEFAULT_PROMPTS: dict[str, str] = {
-    "deepseek-ocr": "<image>\n<|grounding|>Convert the document to markdown.",
-    "paddleocr-vl": "OCR:",
-}
 
 #: DeepSeek-OCR conversation templates (official `conversation.py`, rendered as `format_messages` does with a
 #: user turn and an empty assistant turn, then `.strip()`). "plain" drops the roles: the prompt is the text.
@@ -46,6 +41,16 @@ class FoldedPrompt(NamedTuple):
 
     prompt: str
     images: list[Image.Image]
+
+
+def __getattr__(name: str) -> Any:
+    """`DEFAULT_PROMPTS` ({model id: one image's default prompt}), read from the families when first asked for:
+    the families import this module, so it cannot import them at load time."""
+    if name == "DEFAULT_PROMPTS":
+        from .models import FAMILIES  # noqa: PLC0415 - see above
+
+        return {model_id: family.default_prompt for model_id, family in FAMILIES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def count_placeholders(text: str) -> int:

@@ -83,7 +83,7 @@ def test_precedence_flag_over_file_over_default(cfg: Path) -> None:
     assert settings.inference.max_new_tokens == 7          # flag beats the file
     assert settings.inference.temperature == 0.7           # file beats the default
     assert settings.inference.top_k == 5                   # flag beats the default
-    assert settings.inference.top_p == 1.0                 # default
+    assert settings.inference.top_p is None                # unset: the model family supplies it
     assert settings.server.port == 9000                    # a None flag is "not given"
     assert settings.server.host == "127.0.0.1"
 
