@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, BinaryIO]
 
+#: The only formats Pillow may try. Its other plugins include PostScript/EPS (decoded by running Ghostscript, an
+#: external interpreter) and rarely used parsers; a file or upload in any of those is refused as not an image.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+
 
 def _describe(source: ImageSource) -> str:
     if isinstance(source, (bytes, bytearray)):
@@ -36,19 +40,19 @@ def _open(source: ImageSource) -> Image.Image:
     what = _describe(source)
     try:
         if isinstance(source, (bytes, bytearray)):
-            return Image.open(io.BytesIO(bytes(source)))
+            return Image.open(io.BytesIO(bytes(source)), formats=ALLOWED_FORMATS)
         if isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.is_file():
                 raise ImageError(f"{what} not found" if not path.exists() else f"{what} is not a file")
-            return Image.open(path)
-        return Image.open(source)
+            return Image.open(path, formats=ALLOWED_FORMATS)
+        return Image.open(source, formats=ALLOWED_FORMATS)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{what} is too large to decode ({exc})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{what} is not in a supported image format") from None
+        raise ImageError(f"{what} is not in a supported image format ({', '.join(ALLOWED_FORMATS)})") from None
     except OSError as exc:
         raise ImageError(f"cannot read {what}: {exc}") from None
 
@@ -56,8 +60,8 @@ def _open(source: ImageSource) -> Image.Image:
 def open_image(source: ImageSource) -> Image.Image:
     """Decode a path, bytes or binary stream into a fully loaded RGB image, orientation applied.
 
-    Raises `ImageError` (a `UserError`) for a missing path, undecodable or truncated data, or an image over
-    Pillow's decompression-bomb limit.
+    Raises `ImageError` (a `UserError`) for a missing path, undecodable or truncated data, a format outside
+    `ALLOWED_FORMATS`, or an image over Pillow's decompression-bomb limit.
     """
     if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
         source = source.read()  # a stream is read once, so the fallback below can open it again

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from sanic.exceptions import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, RequestTimeout,
-                              SanicException, ServiceUnavailable)
+from sanic.exceptions import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, RequestCancelled,
+                              RequestTimeout, SanicException, ServiceUnavailable)
 
 from common.errors import ImageError, UnknownModelError, UserError
 
@@ -46,8 +46,16 @@ class BusyError(UserError):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+          431: "invalid_request_error", 503: "service_unavailable"}
+#: Not sent (nobody is listening): the status logged for a client that went away, as nginx names it.
+CLIENT_GONE = 499
+
+
+def client_disconnected(exc: BaseException) -> bool:
+    """True for the ways a vanished client shows up: Sanic's cancellation or a broken socket."""
+    return isinstance(exc, (RequestCancelled, ConnectionError))
 
 
 def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict, dict[str, str]]:
@@ -55,7 +63,10 @@ def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict, dict[s
     headers: dict[str, str] = {}
     param: str | None = None
     code: str | None = None
-    if isinstance(exc, BusyError):
+    if client_disconnected(exc):
+        log.info("request %s: the client disconnected", request_id)
+        status, message, code = CLIENT_GONE, "client disconnected", "client_disconnected"
+    elif isinstance(exc, BusyError):
         status, message = exc.status, str(exc)
         headers["Retry-After"] = str(exc.retry_after)
         code = "queue_full" if status == 429 else "model_loading"
@@ -73,12 +84,16 @@ def openai_error(exc: BaseException, request_id: str) -> tuple[int, dict, dict[s
             headers["Allow"] = ", ".join(sorted(allowed))
     elif isinstance(exc, NotFound):
         status, message, code = 404, str(exc) or "not found", "not_found"
+    elif isinstance(exc, PayloadTooLarge) and "header" in str(exc).lower():
+        status, message, code = 431, "request header is too large", "header_too_large"
     elif isinstance(exc, PayloadTooLarge):
         status, message, code = 413, "request body is too large", "request_too_large"
     elif isinstance(exc, BadRequest):
         # Sanic raises this when request.json meets a malformed body.
         status, message, code = 400, str(exc) or "malformed request body", "invalid_json"
-    elif isinstance(exc, (RequestTimeout, ServiceUnavailable)):
+    elif isinstance(exc, RequestTimeout):
+        status, message, code = 408, str(exc) or "request timed out", "request_timeout"
+    elif isinstance(exc, ServiceUnavailable):
         status, message = exc.status_code, str(exc) or "request timed out"
     elif isinstance(exc, SanicException) and 400 <= exc.status_code < 500:
         status, message = exc.status_code, str(exc) or "bad request"

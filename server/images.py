@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import binascii
 import io
 import ipaddress
 import socket
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Protocol, TypeVar
 from urllib.parse import unquote_to_bytes
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
 from common.errors import ImageError
-from common.images import open_image
+from common.images import ALLOWED_FORMATS, open_image
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: host, port -> every address the name resolves to (as strings); injectable so tests never touch DNS.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
+T = TypeVar("T")
 
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
@@ -37,7 +41,7 @@ _NOT_GLOBAL = tuple(ipaddress.ip_network(n) for n in (
     "192.0.0.0/24", "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24",
     "203.0.113.0/24", "224.0.0.0/4", "240.0.0.0/4",
     "::/128", "::1/128", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20", "5f00::/16", "fc00::/7",
-    "fe80::/10", "ff00::/8"))
+    "fe80::/10", "fec0::/10", "ff00::/8"))
 _ACCEPTED_TYPES = ("image/", "application/octet-stream")
 
 
@@ -49,13 +53,44 @@ class FetchLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_redirects: int = 5
     allow_private: bool = False
+    max_urls: int = 8                # http(s) image URLs one request may name
+    request_bytes: int = 40 * 1024 * 1024   # all fetches of one request together
+    request_timeout_s: float = 30.0  # all fetches of one request together
+
+
+class FetchBudget:
+    """What is left of one request's fetch allowance (bytes and time), so N URLs cannot cost N full fetches."""
+
+    def __init__(self, limits: FetchLimits) -> None:
+        self.limits = limits
+        self.bytes_left = limits.request_bytes
+        self.deadline = time.monotonic() + limits.request_timeout_s
+
+    def next_fetch(self) -> FetchLimits:
+        """The limits for the next fetch: each single-fetch bound, cut to what the request has left."""
+        seconds = self.deadline - time.monotonic()
+        if seconds <= 0 or self.bytes_left <= 0:
+            raise ImageError(f"the image URLs of this request took more than {self.limits.request_timeout_s:g} s "
+                             f"or {self.limits.request_bytes} bytes in all", param="messages")
+        return dataclasses.replace(self.limits, timeout_s=min(self.limits.timeout_s, seconds),
+                                   max_bytes=min(self.limits.max_bytes, self.bytes_left))
+
+    def spend(self, n_bytes: int) -> None:
+        self.bytes_left -= n_bytes
+
+
+class PixelReservation(Protocol):
+    """Called with each image's pixel count before it is decoded (see `server.admission.Ticket`)."""
+
+    def reserve_pixels(self, pixels: int) -> None: ...
 
 
 def is_public_address(address: str | IPAddress) -> bool:
     """True only for globally routable unicast addresses.
 
-    Addresses that embed an IPv4 address (IPv4-mapped, 6to4, NAT64) are judged by the embedded one; Teredo and
-    IPv4-compatible addresses are refused outright (they tunnel to hosts we cannot see).
+    Addresses that embed an IPv4 address (IPv4-mapped, 6to4) are judged by the embedded one; Teredo, NAT64
+    (64:ff9b::/96, 64:ff9b:1::/48: a translator on the local network picks the destination) and IPv4-compatible
+    addresses are refused outright (they reach hosts we cannot see). Site-local fec0::/10 is refused too.
     """
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
@@ -64,11 +99,8 @@ def is_public_address(address: str | IPAddress) -> bool:
             return is_public_address(ip.ipv4_mapped)
         if ip.sixtofour is not None:
             return is_public_address(ip.sixtofour)
-        if ip.teredo is not None or ip in _IPV4_COMPATIBLE:
+        if ip.teredo is not None or ip in _IPV4_COMPATIBLE or any(ip in net for net in _NAT64):
             return False
-        for net in _NAT64:
-            if ip in net:
-                return is_public_address(ipaddress.IPv4Address(ip.packed[-4:]))
     if any(ip in net for net in _NOT_GLOBAL if net.version == ip.version):
         return False
     return bool(ip.is_global and not (ip.is_multicast or ip.is_private or ip.is_loopback or ip.is_link_local
@@ -101,7 +133,8 @@ async def checked_addresses(host: str, port: int, resolver: Resolver, allow_priv
     if not allow_private:
         for ip in addresses:
             if not is_public_address(ip):
-                raise ImageError(f"image URL host {host!r} resolves to a non-public address ({ip}); refused",
+                # The address itself is not named: it would tell a prober what an internal name resolves to.
+                raise ImageError(f"image URL host {host!r} resolves to a non-public address; refused",
                                  param="messages", status=400)
     return addresses
 
@@ -164,15 +197,15 @@ async def _fetch(url: httpx.URL, client: httpx.AsyncClient, limits: FetchLimits,
 async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type and not content_type.startswith(_ACCEPTED_TYPES):
-        raise ImageError(f"image URL returned {content_type!r}, not an image", param="messages", status=422)
+        raise ImageError(f"image URL returned {content_type!r}, not an image", param="messages")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise ImageError(f"image is larger than {max_bytes} bytes", param="messages", status=413)
+        raise ImageError(f"image is larger than {max_bytes} bytes", param="messages")
     chunks, total = [], 0
     async for chunk in response.aiter_bytes():  # decoded bytes: a gzip bomb is counted after inflating
         total += len(chunk)
         if total > max_bytes:
-            raise ImageError(f"image is larger than {max_bytes} bytes", param="messages", status=413)
+            raise ImageError(f"image is larger than {max_bytes} bytes", param="messages")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -185,13 +218,12 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     params = [p.strip().lower() for p in header.split(";")]
     mime = params[0]
     if mime == "application/pdf":
-        raise ImageError("PDF files are not accepted here: send each page as an image",
-                         param="messages", status=422)
+        raise ImageError("PDF files are not accepted here: send each page as an image", param="messages")
     if mime and not mime.startswith(_ACCEPTED_TYPES):
-        raise ImageError(f"data URL type {mime!r} is not an image", param="messages", status=422)
+        raise ImageError(f"data URL type {mime!r} is not an image", param="messages")
     # base64 inflates by 4/3: refuse oversized payloads before decoding them.
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ImageError(f"image is larger than {max_bytes} bytes", param="messages", status=413)
+        raise ImageError(f"image is larger than {max_bytes} bytes", param="messages")
     if "base64" in params[1:]:
         try:
             data = base64.b64decode("".join(payload.split()), validate=True)
@@ -204,39 +236,59 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode bytes into an RGB image (EXIF orientation applied, as `common.images.open_image` does), refusing
-    non-images and anything over `max_pixels` with a 422.
-
-    The size is read from the header before any pixel is decoded, so a decompression bomb costs nothing; PIL's
-    own bomb error (its global limit may be lower than ours) is reported the same way.
-    """
+def image_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) from the header alone, refusing non-images, formats outside `ALLOWED_FORMATS` and anything
+    over `max_pixels` (all 400s): a decompression bomb costs nothing. PIL's own bomb error (its global limit may
+    be lower than ours) is reported the same way."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as probe:
             width, height = probe.size
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"image refused as a decompression bomb: {exc}", param="messages", status=422) from None
+        raise ImageError(f"image refused as a decompression bomb: {exc}", param="messages") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise ImageError("image data could not be decoded as an image", param="messages", status=422) from None
+        raise ImageError(f"image data could not be decoded as an image ({', '.join(ALLOWED_FORMATS)})",
+                         param="messages") from None
     if width * height > max_pixels:
         raise ImageError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}",
-                         param="messages", status=422)
+                         param="messages")
+    return width, height
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode bytes into an RGB image (EXIF orientation applied, as `common.images.open_image` does) after
+    `image_size` has checked the header; every refusal is a 400 `ImageError`."""
+    image_size(data, max_pixels)
     try:
         return open_image(data)
     except ImageError as exc:
-        raise ImageError(str(exc), param="messages", status=422) from None
+        raise ImageError(str(exc), param="messages") from None
 
 
 class ImageLoader:
-    """Turns the image URLs of one request into PIL images: data URLs inline, http(s) through checked fetches."""
+    """Turns the image URLs of one request into PIL images: data URLs inline, http(s) through checked fetches.
+
+    Base64 and image decoding run on a small thread pool of its own (`decode_workers` threads), never on the
+    event loop and never more at once than that, however many requests arrive.
+    """
 
     def __init__(self, limits: FetchLimits, max_pixels: int, resolver: Resolver = system_resolver,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, *, max_images: int = 16,
+                 decode_workers: int = 2) -> None:
         self.limits = limits
         self.max_pixels = max_pixels
+        self.max_images = max_images
         self.resolver = resolver
         self.transport = transport
+        self.decode_workers = decode_workers
+        self._pool: Executor | None = None
         self._client: httpx.AsyncClient | None = None
+
+    @property
+    def pool(self) -> Executor:
+        """Created on first use and again after `shutdown()`, as `client` is."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.decode_workers, thread_name_prefix="image-decode")
+        return self._pool
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -248,30 +300,72 @@ class ImageLoader:
                                              timeout=timeout)
         return self._client
 
-    async def load(self, url: str) -> Image.Image:
-        """Fetch or decode one image URL; raises `ImageError` (a user error) for anything refused."""
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """`fn(*args)` on the loader's bounded pool: CPU work that grows with the request stays off the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def check_counts(self, urls: list[str]) -> None:
+        """Refuse (400) a request naming more images, or more http(s) URLs, than allowed, before any work."""
+        if len(urls) > self.max_images:
+            raise ImageError(f"a request may hold at most {self.max_images} images, got {len(urls)}",
+                             param="messages")
+        remote = sum(1 for url in urls if isinstance(url, str) and _scheme(url.strip()) in ("http", "https"))
+        if remote > self.limits.max_urls:
+            raise ImageError(f"a request may name at most {self.limits.max_urls} image URLs, got {remote}",
+                             param="messages")
+
+    async def fetch(self, url: str, budget: FetchBudget | None = None) -> bytes:
+        """The bytes behind one image URL; raises `ImageError` (a user error) for anything refused."""
         if not isinstance(url, str) or not url.strip():
             raise ImageError("image URL is empty", param="messages")
         url = url.strip()
-        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        scheme = _scheme(url)
         if scheme == "data":
-            data = decode_data_url(url, self.limits.max_bytes)
-        elif scheme in ("http", "https"):
-            data = await fetch_image_bytes(url, self.client, self.limits, self.resolver)
-        elif scheme == "file" or not scheme or len(scheme) == 1:  # "C:\..." parses as scheme "c"
+            return await self.run(decode_data_url, url, self.limits.max_bytes)
+        if scheme in ("http", "https"):
+            budget = budget if budget is not None else FetchBudget(self.limits)
+            data = await fetch_image_bytes(url, self.client, budget.next_fetch(), self.resolver)
+            budget.spend(len(data))
+            return data
+        if scheme == "file" or not scheme or len(scheme) == 1:  # "C:\..." parses as scheme "c"
             raise ImageError("local files are not served: send the image as a data: URL or an http(s) URL",
                              param="messages")
-        else:
-            raise ImageError(f"image URL scheme {scheme!r} is not allowed (use http, https or data)",
-                             param="messages")
-        # Decoding a large image takes a while: off the event loop, so health checks stay responsive.
-        return await asyncio.get_running_loop().run_in_executor(None, decode_image, data, self.max_pixels)
+        raise ImageError(f"image URL scheme {scheme!r} is not allowed (use http, https or data)", param="messages")
 
-    async def load_all(self, urls: list[str]) -> list[Image.Image]:
-        """All images of a request, in order."""
-        return [await self.load(url) for url in urls]
+    async def load(self, url: str, budget: FetchBudget | None = None,
+                   reservation: PixelReservation | None = None) -> Image.Image:
+        """Fetch or decode one image URL. The header is read first; `reservation` is charged its pixel count
+        before the pixels are decoded, so a refusal costs no decoded memory."""
+        data = await self.fetch(url, budget)
+        width, height = await self.run(image_size, data, self.max_pixels)
+        if reservation is not None:
+            reservation.reserve_pixels(width * height)
+        return await self.run(decode_image, data, self.max_pixels)
+
+    async def load_all(self, urls: list[str], reservation: PixelReservation | None = None) -> list[Image.Image]:
+        """All images of a request, in order, under one fetch budget; nothing is kept when one is refused."""
+        self.check_counts(urls)
+        budget = FetchBudget(self.limits)
+        images: list[Image.Image] = []
+        try:
+            for url in urls:
+                images.append(await self.load(url, budget, reservation))
+        except BaseException:
+            images.clear()  # the traceback keeps this frame alive: do not let it keep the pixels too
+            raise
+        return images
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+    def shutdown(self) -> None:
+        """Stop the decode threads (the server is stopping)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""

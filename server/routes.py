@@ -7,16 +7,19 @@ that happen before any text (a model that fails to load, a bad prompt) still get
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import json
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from PIL import Image
 from sanic import Request as HttpRequest, Sanic
+from sanic.exceptions import RequestCancelled
 from sanic.response import HTTPResponse, json as json_response
 
 from common.errors import ImageError
@@ -33,8 +36,6 @@ from .stops import StopFilter
 
 log = logging.getLogger("deepseek_ocr.server")
 
-#: Routes a load balancer or orchestrator probes without credentials.
-OPEN_PATHS = ("/health", "/health/ready", "/ready")
 _STAND_IN = Image.new("RGB", (1, 1))
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -57,19 +58,49 @@ Piece = TextPiece | Final
 
 # ------------------------------------------------------------------------------------------------ middleware
 async def start_request(request: HttpRequest) -> None:
-    """Give every request an id (logs, 500 bodies, `x-request-id`) and check the API key when one is set."""
+    """Give every request an id (logs, 500 bodies, `x-request-id`).
+
+    The API key is checked by `protected` on each route, not here: Sanic also runs request middleware when it
+    answers a protocol error (oversized header, bad framing, a timeout), which must keep its own status.
+    """
     given = request.headers.get("x-request-id", "")
     # A client's own id is kept (it ties their logs to ours) only if it cannot forge log lines or headers.
     request.ctx.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
     request.ctx.started = time.perf_counter()
+
+
+def has_valid_key(request: HttpRequest) -> bool:
+    """True when no key is configured or the request carries it; raises `AuthError` for a wrong one."""
     key = request.app.ctx.state.api_key
-    if key and request.path not in OPEN_PATHS:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+    if not key:
+        return True
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return False
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: turn them back into the bytes sent, so they
+    # simply do not match (rather than failing to encode). compare_digest: the time taken must not reveal
+    # how much of a guessed key was right.
+    if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), key.encode()):
+        raise AuthError("incorrect API key")
+    return True
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+def protected(handler: Handler, *, admit: bool = False) -> Handler:
+    """`handler` behind the API key and, with `admit`, behind the admission gate (`server.admission`): the
+    request holds a ticket (429 when the server is full) from before its body is parsed until it ends."""
+    @functools.wraps(handler)
+    async def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+        if not has_valid_key(request):
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        # compare_digest: the time taken must not reveal how much of a guessed key was right.
-        if not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise AuthError("incorrect API key")
+        if not admit:
+            return await handler(request, *args, **kwargs)
+        with request.app.ctx.state.gate.admit() as ticket:
+            request.ctx.ticket = ticket
+            return await handler(request, *args, **kwargs)
+    return guarded
 
 
 async def finish_request(request: HttpRequest, response: HTTPResponse) -> None:
@@ -99,10 +130,18 @@ async def health(request: HttpRequest) -> HTTPResponse:
 
 
 async def ready(request: HttpRequest) -> HTTPResponse:
-    """Readiness: the worker thread is alive and not loading a model; lists the models in memory."""
-    status = request.app.ctx.state.scheduler.status()
+    """Readiness: the worker thread is alive and not loading a model. Only a caller with the key (or any caller
+    when no key is set) gets the details: models in memory, queue and admission counters."""
+    state = request.app.ctx.state
+    status = state.scheduler.status()
     is_ready = bool(status.get("worker_alive", True)) and status.get("loading") is None
-    body = {"status": "ready" if is_ready else "loading", "available_models": list(MODEL_IDS), **status}
+    body: dict[str, Any] = {"status": "ready" if is_ready else "loading"}
+    try:
+        detailed = has_valid_key(request)
+    except AuthError:
+        detailed = False
+    if detailed:
+        body |= {"available_models": list(MODEL_IDS), **status, **state.gate.status()}
     return json_response(body, status=200 if is_ready else 503)
 
 
@@ -125,11 +164,35 @@ async def retrieve_model(request: HttpRequest, model_id: str) -> HTTPResponse:
 
 
 # ------------------------------------------------------------------------------------------------ shared path
-def _body(request: HttpRequest) -> Any:
-    """The parsed JSON body; Sanic raises BadRequest (-> 400) for malformed JSON."""
+def parse_json_body(body: bytes) -> Any:
+    """The JSON body, refusing (400) malformed JSON and strings that cannot be UTF-8 (a lone surrogate such as
+    `"\\ud800"` is valid JSON but would fail later, in the tokenizer or when the answer is written)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"malformed JSON body: {str(exc).splitlines()[0]}", code="invalid_json") from None
+    stack = [value]
+    while stack:  # iterative: deep nesting cannot exhaust the stack
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RequestError("the body holds a string that is not valid Unicode (a lone surrogate)",
+                                   code="invalid_json") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return value
+
+
+async def _body(request: HttpRequest) -> Any:
+    """The parsed JSON body, parsed on the loader's pool: its cost grows with the body, so not on the loop."""
     if not request.body:
         raise RequestError("the request body is empty; send a JSON object")
-    return request.json
+    return await request.app.ctx.state.loader.run(parse_json_body, request.body)
 
 
 def _part_url(part: dict[str, Any]) -> str:
@@ -150,10 +213,11 @@ def _part_url(part: dict[str, Any]) -> str:
     return value
 
 
-async def fold(messages: list[dict[str, Any]], load: Callable[[str], Any]) -> FoldedPrompt:
+async def fold(messages: list[dict[str, Any]], load_all: Callable[[list[str]], Awaitable[list[Image.Image]]]
+               ) -> FoldedPrompt:
     """`fold_messages` with images loaded asynchronously: fold once with stand-ins (which validates the turn
-    and collects its image parts, in order), then load those images. Each part is one image, so the prompt
-    text of the stand-in fold is the final one."""
+    and collects its image parts, in order), then load those images together (`load_all` checks their count
+    before loading any). Each part is one image, so the prompt text of the stand-in fold is the final one."""
     parts: list[dict[str, Any]] = []
 
     def collect(part: dict[str, Any]) -> Image.Image:
@@ -161,7 +225,7 @@ async def fold(messages: list[dict[str, Any]], load: Callable[[str], Any]) -> Fo
         return _STAND_IN
 
     folded = fold_messages(messages, collect)
-    images = [await load(_part_url(part)) for part in parts]
+    images = await load_all([_part_url(part) for part in parts])
     return FoldedPrompt(folded.prompt, images)
 
 
@@ -170,10 +234,11 @@ async def _prepare(request: HttpRequest, spec: CallSpec) -> AsyncIterator[Piece]
     state = request.app.ctx.state
     get_model(spec.model)
     state.check_overrides(spec)
-    folded = await fold(spec.messages, state.loader.load)
+    ticket = getattr(request.ctx, "ticket", None)
+    folded = await fold(spec.messages, lambda urls: state.loader.load_all(urls, ticket))
     if tasks.is_task_request(folded.prompt, len(folded.images)):
         log.info("request %s: Open WebUI task prompt answered without the model", request.ctx.request_id)
-        return _canned(tasks.answer_task(folded.prompt))
+        return _canned(await state.loader.run(tasks.answer_task, folded.prompt))
     job = state.scheduler.submit(Request(prompt=folded.prompt, images=folded.images, model=spec.model,
                                          overrides=spec.overrides()))
     return _pieces(job, spec.stop)
@@ -240,7 +305,7 @@ def _logprob_entries(tokens: tuple[GeneratedToken, ...], decode: Callable[[int],
 
 # ------------------------------------------------------------------------------------------------ chat
 async def chat_completions(request: HttpRequest) -> HTTPResponse | None:
-    spec = parse_chat(_body(request))
+    spec = parse_chat(await _body(request))
     pieces = await _prepare(request, spec)
     fmt = ChatFormat(spec.model, include_usage=spec.include_usage)
     decode = request.app.ctx.state.token_decoder(spec.model) if spec.logprobs else None
@@ -279,7 +344,7 @@ async def chat_completions(request: HttpRequest) -> HTTPResponse | None:
 
 # ------------------------------------------------------------------------------------------------ responses
 async def responses(request: HttpRequest) -> HTTPResponse | None:
-    spec = parse_responses(_body(request))
+    spec = parse_responses(await _body(request))
     pieces = await _prepare(request, spec)
     fmt = ResponsesFormat(spec.model, instructions=spec.instructions, max_output_tokens=spec.max_tokens,
                           temperature=spec.temperature, top_p=spec.top_p,
@@ -323,13 +388,14 @@ def register(app: Sanic) -> None:
     app.add_route(health, "/health", methods=["GET"])
     app.add_route(ready, "/health/ready", methods=["GET"], name="health_ready")
     app.add_route(ready, "/ready", methods=["GET"], name="ready")
-    app.add_route(list_models, "/v1/models", methods=["GET"])
-    app.add_route(retrieve_model, "/v1/models/<model_id:str>", methods=["GET"])
-    app.add_route(chat_completions, "/v1/chat/completions", methods=["POST"])
-    app.add_route(responses, "/v1/responses", methods=["POST"])
+    app.add_route(protected(list_models), "/v1/models", methods=["GET"])
+    app.add_route(protected(retrieve_model), "/v1/models/<model_id:str>", methods=["GET"])
+    app.add_route(protected(chat_completions, admit=True), "/v1/chat/completions", methods=["POST"])
+    app.add_route(protected(responses, admit=True), "/v1/responses", methods=["POST"])
     app.register_middleware(start_request, "request")
     app.register_middleware(finish_request, "response")
     # MethodNotAllowed is listed on its own: a handler for Exception alone does not receive it.
     app.error_handler.add(MethodNotAllowed, handle_error)
     app.error_handler.add(NotFound, handle_error)
     app.error_handler.add(Exception, handle_error)
+    app.error_handler.add(RequestCancelled, handle_error)  # a BaseException: the line above misses it

@@ -14,12 +14,15 @@ import re
 from typing import Any
 
 _TASK_START = "### Task:"
-_HISTORY = re.compile(r"<chat_history>(.*?)(?:</chat_history>|$)", re.S)
-_JSON_KEY = re.compile(r'JSON format:\s*\{\s*"(\w+)"', re.S)
+_HISTORY_OPEN, _HISTORY_CLOSE = "<chat_history>", "</chat_history>"
+_JSON_KEY = re.compile(r'JSON format:\s{0,64}\{\s{0,64}"(\w{1,64})"')
 # DeepSeek-OCR grounding: a label in ref tags and its boxes in det tags, both dropped whole; then stray tags.
-_SPECIAL = re.compile(r"<\|ref\|>.*?<\|/ref\|>|<\|det\|>.*?<\|/det\|>|<\|[^|]*\|>")
+_PAIRED = (("<|ref|>", "<|/ref|>"), ("<|det|>", "<|/det|>"))
 _MARKUP = re.compile(r"[#*_`>|~<>\[\]()]+")
-_TURN = re.compile(r"^(USER|ASSISTANT):\s?", re.M)
+_ROLES = ("USER:", "ASSISTANT:")
+#: Only this much of the template and of the chat history is read: the title comes from the first line of an
+#: answer, and a bounded read keeps a huge prompt from holding the CPU (the parsing below is linear anyway).
+MAX_SCAN_CHARS = 16_384
 _TITLE_WORDS = 6
 _FALLBACK_TITLE = "Document OCR"
 
@@ -30,29 +33,74 @@ def is_task_request(prompt: str, n_images: int) -> bool:
 
 
 def answer_task(prompt: str) -> str:
-    """The text to answer a task prompt with (JSON, or plain title text when the template asks for that)."""
-    key_match = _JSON_KEY.search(prompt)
-    title = _title(prompt)
+    """The text to answer a task prompt with (JSON, or plain title text when the template asks for that).
+
+    Reads at most `MAX_SCAN_CHARS` of the template and of the history, so its cost does not grow with the prompt.
+    """
+    opening = prompt.find(_HISTORY_OPEN)
+    template = prompt[:MAX_SCAN_CHARS if opening < 0 else min(opening, MAX_SCAN_CHARS)]
+    key_match = _JSON_KEY.search(template)
+    title = _title(_history(prompt, opening))
     if key_match is None:
         # Newer title templates ask for bare text: "Return ONLY the title text".
-        return title if "title" in prompt.lower() else "{}"
+        return title if "title" in template.lower() else "{}"
     key = key_match.group(1)
     answers: dict[str, Any] = {"title": title, "tags": ["Document"], "follow_ups": [], "queries": [],
                                "prompt": title, "text": ""}
     return json.dumps({key: answers.get(key, "")}, ensure_ascii=False)
 
 
-def _title(prompt: str) -> str:
+def _history(prompt: str, opening: int) -> str:
+    """At most `MAX_SCAN_CHARS` of the text inside `<chat_history>` (to its end tag, or the prompt's end)."""
+    if opening < 0:
+        return ""
+    start = opening + len(_HISTORY_OPEN)
+    window = prompt[start:start + MAX_SCAN_CHARS]
+    end = window.find(_HISTORY_CLOSE)
+    return window if end < 0 else window[:end]
+
+
+def _strip_special(line: str) -> str:
+    """`line` without grounding spans (`<|ref|>..<|/ref|>`, `<|det|>..<|/det|>`) and stray `<|...|>` tags.
+
+    One left-to-right pass with `str.find`; a closing tag found missing is not searched for again, so many
+    unclosed tags cost linear time, not quadratic.
+    """
+    out: list[str] = []
+    pos, missing = 0, set()
+    while True:
+        tag = line.find("<|", pos)
+        if tag < 0:
+            out.append(line[pos:])
+            return " ".join(out)
+        out.append(line[pos:tag])
+        for opening, closing in _PAIRED:
+            if line.startswith(opening, tag) and closing not in missing:
+                end = line.find(closing, tag + len(opening))
+                if end >= 0:
+                    pos = end + len(closing)
+                    break
+                missing.add(closing)
+        else:
+            end = -1 if "|>" in missing else line.find("|>", tag + 2)
+            if end < 0:
+                missing.add("|>")
+            pos = tag + 2 if end < 0 else end + 2
+
+
+def _title(history: str) -> str:
     """A few words from the first non-empty assistant line of the history (else the user's, else a default)."""
-    history = _HISTORY.search(prompt)
-    turns = _TURN.split(history.group(1)) if history else []
-    # split() gives ["", role, text, role, text, ...]
-    by_role: dict[str, list[str]] = {"ASSISTANT": [], "USER": []}
-    for role, text in zip(turns[1::2], turns[2::2]):
-        by_role[role].append(text)
-    for text in [*by_role["ASSISTANT"], *by_role["USER"]]:
-        for line in text.splitlines():
-            words = _MARKUP.sub(" ", _SPECIAL.sub(" ", line)).split()
-            if words:
-                return " ".join(words[:_TITLE_WORDS])
+    by_role: dict[str, list[str]] = {"ASSISTANT:": [], "USER:": []}
+    current: list[str] | None = None
+    for line in history.splitlines():
+        role = next((r for r in _ROLES if line.startswith(r)), None)
+        if role is not None:
+            current = by_role[role]
+            line = line[len(role):]
+        if current is not None:
+            current.append(line)
+    for line in [*by_role["ASSISTANT:"], *by_role["USER:"]]:
+        words = _MARKUP.sub(" ", _strip_special(line)).split()
+        if words:
+            return " ".join(words[:_TITLE_WORDS])
     return _FALLBACK_TITLE

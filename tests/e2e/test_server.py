@@ -236,9 +236,13 @@ def test_responses_plain_string_input(client: openai.OpenAI) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ raw HTTP refusals
-def test_health_needs_no_key_and_readiness_lists_models(server: ServerProcess) -> None:
+def test_health_needs_no_key_and_readiness_lists_models(server: ServerProcess, http: httpx.Client) -> None:
     assert httpx.get(f"{server.base}/health").json() == {"status": "ok"}
-    ready = httpx.get(f"{server.base}/health/ready").json()
+    assert httpx.get(f"{server.base}/health/ready").json() == {"status": "ready"}  # details only with the key
+    for wrong in ["Bearer nope", b"Bearer \xff\xfe"]:
+        assert httpx.get(f"{server.base}/health/ready", headers={"Authorization": wrong}).json() == {
+            "status": "ready"}
+    ready = http.get("/health/ready").json()
     assert ready["status"] == "ready" and set(ready["loaded_models"]) <= {"deepseek-ocr", "paddleocr-vl"}
 
 
@@ -288,10 +292,11 @@ def test_image_refusals(http: httpx.Client, server: ServerProcess) -> None:
         return http.post("/v1/chat/completions", json=chat_body(messages=image_message(url)))
 
     assert_error(post("data:image/png;base64,%%%not base64%%%"), 400, "messages")
-    assert_error(post(data_url(b"just some text, not an image")), 422, "messages")
-    assert_error(post(data_url(b"text", mime="text/plain")), 422, "messages")
-    assert_error(post(data_url(png((2000, 1000), mode="L"))), 422, "messages")   # 2 Mpx of zeros in ~2 KB
-    assert_error(post(data_url(png_claiming(100_000, 100_000))), 422, "messages")
+    # As OpenAI answers them: 400 invalid_request_error (the SDK raises BadRequestError), not 422.
+    assert_error(post(data_url(b"just some text, not an image")), 400, "messages")
+    assert_error(post(data_url(b"text", mime="text/plain")), 400, "messages")
+    assert_error(post(data_url(png((2000, 1000), mode="L"))), 400, "messages")   # 2 Mpx of zeros in ~2 KB
+    assert_error(post(data_url(png_claiming(100_000, 100_000))), 400, "messages")
     for local in ["/etc/passwd", "file:///etc/passwd", "page.png", "C:\\scan.png"]:
         assert "local files" in assert_error(post(local), 400, "messages")["message"]
     for loopback in [f"{server.base}/health", f"http://localhost:{server.port}/health",

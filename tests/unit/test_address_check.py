@@ -28,10 +28,12 @@ REFUSED = [
     "2002:7f00:0001::1", "2002:0a00:0001::",  # 6to4 wrapping loopback / private
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",   # Teredo
     "64:ff9b::7f00:1", "64:ff9b::a00:1",      # NAT64 wrapping loopback / private
+    "64:ff9b::808:808", "64:ff9b:1::808:808",  # NAT64, even wrapping a public IPv4: the translator is local
+    "fec0::1", "feff:ffff::1",                # site-local fec0::/10 (deprecated, still routed inside sites)
     "::127.0.0.1",                            # IPv4-compatible (deprecated)
 ]
 ALLOWED = ["8.8.8.8", "1.1.1.1", "93.184.215.14", "100.128.0.1", "2606:4700:4700::1111", "2a00:1450:4001::1",
-           "::ffff:8.8.8.8", "2002:0808:0808::1", "64:ff9b::808:808"]
+           "::ffff:8.8.8.8", "2002:0808:0808::1"]
 
 
 @pytest.mark.parametrize("address", REFUSED)
