@@ -1,4 +1,5 @@
-"""The pipeline's narrow view of a backend: load a model, generate from prepared inputs, nothing else.
+"""The pipeline's narrow view of a backend: load a model, generate from prepared inputs (one sequence, or many
+through an engine), nothing else.
 
 `torch_ocr/backend.py` and `mlx_ocr/backend.py` each provide `load_model(...) -> LoadedModel`.
 """
@@ -8,14 +9,12 @@ import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 
+from .engine import Engine
 from .generation import GeneratedToken, GenerationOptions, PromptInputs
 from .timing import Timings
 
-MODEL_KINDS = ("deepseek-ocr", "paddleocr-vl")
-
-
 class LoadedModel(Protocol):
-    kind: str     # "deepseek-ocr" | "paddleocr-vl"
+    kind: str     # a model id of the registry (common.models.family_ids())
     backend: str  # "torch" | "mlx"
     device: str   # "cpu" | "cuda" | "metal"
     dtype: str    # "float32" | "bfloat16" | "float16"
@@ -29,6 +28,10 @@ class LoadedModel(Protocol):
     ) -> Iterator[GeneratedToken]:
         """Encode images (timed as vision.compute_embeddings), prefill (decode.prefill), then decode one token per
         step (decode.iterative) until a stop id, max_new_tokens or `cancel` is set. Stop ids are yielded too."""
+        ...
+
+    def engine(self, max_batch: int) -> Engine:
+        """A batched engine (common/engine.py) with `max_batch` slots: continuous batching of many requests."""
         ...
 
 

@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from PIL import Image
 
@@ -107,6 +107,63 @@ class _TimedEncoder:
             return self._tokenizer.encode(text)
         finally:
             self.elapsed_ms += (time.perf_counter() - start) * 1000.0
+
+
+@dataclass
+class Prepared:
+    """A request made ready for a backend: its resident model, generation options, inputs and timings."""
+
+    resident: _Resident
+    options: GenerationOptions
+    inputs: Any
+    timings: Timings
+
+
+class Decoding:
+    """One request's generated tokens -> its events: `TextDelta`s as text completes, then the `Result`.
+
+    Shared by `Pipeline.stream` (one sequence) and `common.batching` (many), so both count, stop and report the
+    same way (see the module docstring for the token accounting).
+    """
+
+    def __init__(self, prepared: Prepared) -> None:
+        self.prepared = prepared
+        options = prepared.options
+        self._stops = frozenset(() if options.ignore_eos else options.stop_token_ids)
+        self._decoder = prepared.resident.tokenizer.incremental_decoder()
+        self.generated: list[GeneratedToken] = []
+        self.kept: list[int] = []
+        self.finish_reason = "length"
+        self.done = False
+
+    def feed(self, token: GeneratedToken) -> list[TextDelta]:
+        """Book one generated token; `done` turns true on a stop id or at the token cap."""
+        options = self.prepared.options
+        self.generated.append(token)
+        if token.token_id in self._stops:
+            self.finish_reason, self.done = "stop", True
+            return []
+        self.kept.append(token.token_id)
+        self.done = len(self.generated) >= options.max_new_tokens
+        piece = self._decoder.feed(token.token_id)
+        return [TextDelta(piece, (token,))] if piece or options.logprobs else []
+
+    def finish(self, cancelled: bool = False) -> list[TextDelta | Result]:
+        """The tail of the text (if any) and the `Result`; `cancelled` unless the answer had already stopped."""
+        if cancelled and self.finish_reason != "stop":
+            self.finish_reason = "cancelled"
+        self.done = True
+        p, resident = self.prepared, self.prepared.resident
+        tail = self._decoder.flush()
+        events: list[TextDelta | Result] = [TextDelta(tail)] if tail else []
+        model = resident.model
+        events.append(Result(
+            text=resident.tokenizer.decode(self.kept), token_ids=self.kept,
+            prompt_tokens=int(len(p.inputs.input_ids)), completion_tokens=len(self.generated),
+            finish_reason=self.finish_reason, model=resident.model_id, backend=model.backend, device=model.device,
+            dtype=model.dtype, timings_ms=p.timings.as_dict(),
+            logprobs=self.generated if p.options.logprobs else None, timing_calls=dict(p.timings.counts)))
+        return events
 
 
 def _eos_ids(generation_config: dict[str, Any], tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -274,51 +331,52 @@ class Pipeline:
         timings.add("vision.prepare_inputs", total_ms - encoder.elapsed_ms)
         return inputs
 
-    def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[TextDelta | Result]:
-        """Generate for `request`: `TextDelta`s as text becomes complete (never half a UTF-8 character), then one
-        `Result`. `cancel` is checked between tokens (finish_reason "cancelled"). Raises `UserError` for bad
-        options, prompts or images, before anything is yielded."""
+    def prepare(self, request: Request) -> Prepared:
+        """`request` made ready for a backend: its model (loaded if needed), options and inputs. Raises
+        `UserError` for bad options, prompts or images; nothing is generated yet."""
         resident = self._resident(request.model or self.settings.active_model)
         inference, options = self._options(resident, request.overrides)
         timings = Timings()
         inputs = self._build_inputs(resident, request, inference, timings)
         options = _fit_context(options, int(len(inputs.input_ids)), resident.max_positions)
-        decoder = resident.tokenizer.incremental_decoder()
-        stops = () if options.ignore_eos else options.stop_token_ids
-        generated: list[GeneratedToken] = []
-        kept: list[int] = []
-        finish = "length"
-        tokens = iter(resident.model.generate(inputs, options, timings, cancel))
+        return Prepared(resident, options, inputs, timings)
+
+    def stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[TextDelta | Result]:
+        """Generate for `request`: `TextDelta`s as text becomes complete (never half a UTF-8 character), then one
+        `Result`. `cancel` is checked between tokens (finish_reason "cancelled"). Raises `UserError` for bad
+        options, prompts or images, before anything is yielded."""
+        prepared = self.prepare(request)
+        decoding = Decoding(prepared)
+        tokens = iter(prepared.resident.model.generate(prepared.inputs, prepared.options, prepared.timings, cancel))
         try:
-            while len(generated) < options.max_new_tokens:
+            while not decoding.done:
                 token = next(tokens, None)  # the backend books decode.* and vision.compute_embeddings
                 if token is None:
                     break
-                generated.append(token)
-                if token.token_id in stops:
-                    finish = "stop"
-                    break
-                kept.append(token.token_id)
-                piece = decoder.feed(token.token_id)
-                if piece or options.logprobs:
-                    yield TextDelta(piece, (token,))
+                yield from decoding.feed(token)
                 if cancel is not None and cancel.is_set():
                     break
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()  # frees the backend's cache now, not whenever the generator is collected
-        if cancel is not None and cancel.is_set() and finish != "stop":
-            finish = "cancelled"
-        tail = decoder.flush()
-        if tail:
-            yield TextDelta(tail)
-        model = resident.model
-        yield Result(
-            text=resident.tokenizer.decode(kept), token_ids=kept, prompt_tokens=int(len(inputs.input_ids)),
-            completion_tokens=len(generated), finish_reason=finish, model=resident.model_id,
-            backend=model.backend, device=model.device, dtype=model.dtype, timings_ms=timings.as_dict(),
-            logprobs=generated if options.logprobs else None, timing_calls=dict(timings.counts))
+        yield from decoding.finish(cancelled=cancel is not None and cancel.is_set())
+
+    def batch(self, model_id: str | None = None, max_batch: int = 8) -> Any:
+        """A continuous-batching session over one model (`common.batching.Batch`): admit requests between
+        steps, each step gives every running request its next events."""
+        from .batching import Batch  # noqa: PLC0415 - batching builds on this module
+
+        return Batch(self, model_id or self.settings.active_model, max_batch)
+
+    def map(self, requests: Iterable[Request], batch_size: int = 1, *,
+            return_errors: bool = False) -> Iterator[Result | UserError]:
+        """Results of `requests` in their order, decoded `batch_size` at a time (pulled lazily, so a generator of
+        PDF pages renders only what the batch needs). A request that fails its preparation raises its
+        `UserError` in its place, or with `return_errors` is yielded in its place and the run goes on."""
+        from .batching import run_in_order  # noqa: PLC0415
+
+        return run_in_order(self, requests, batch_size, return_errors=return_errors)
 
     def run(self, request: Request, cancel: threading.Event | None = None) -> Result:
         """`stream` collected: the final `Result`."""

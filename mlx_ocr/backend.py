@@ -12,17 +12,13 @@ from typing import Any, Iterator
 
 import mlx.core as mx
 
-from common.backend import MODEL_KINDS
-from common.errors import UnknownModelError, UserError
+from common.errors import UserError
 from common.generation import GeneratedToken, GenerationOptions, PromptInputs
+from common.models import get_family
 from common.timing import Timings
 
 from .generate import generate
 from .loader import DTYPES
-
-#: Model kind -> module with `load(config_path, weights_path, *, dtype, device)`.
-MODEL_MODULES: dict[str, str] = {"deepseek-ocr": "mlx_ocr.deepseek_ocr", "paddleocr-vl": "mlx_ocr.paddleocr_vl"}
-
 
 def resolve_device(device: str) -> str:
     """'auto' -> 'metal' when MLX sees an Apple GPU, else 'cpu'; sets MLX's (process-wide) default device."""
@@ -61,7 +57,7 @@ def metal_available() -> bool:
 
 
 class MLXModel:
-    """A loaded model plus where it runs; `generate` is the shared loop in mlx_ocr/generate.py."""
+    """A loaded model plus where it runs; `generate` is one sequence, `engine` many (engine.py)."""
 
     backend = "mlx"
 
@@ -77,16 +73,21 @@ class MLXModel:
         timings.sync = self.sync
         return generate(self.model, inputs, options, timings, cancel)
 
+    def engine(self, max_batch: int) -> Any:
+        """A batched engine over this model: `max_batch` slots decoded together (common/engine.py)."""
+        from .engine import Engine  # noqa: PLC0415 - TODO(engine): top-level once mlx_ocr/engine.py lands
+        return Engine(self.model, max_batch, sync=self.sync)
+
 
 def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
                quantize: int | None = None, group_size: int = 64) -> MLXModel:
     """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'metal'); `quantize` 4 or 8
     quantizes the decoder at load time (a converted snapshot is loaded as saved)."""
-    if kind not in MODEL_MODULES:
-        raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    family = get_family(kind)  # an unknown id is an UnknownModelError listing the known ones
     device_name = resolve_device(device)
     dtype_name = resolve_dtype(dtype, device_name)
-    module = importlib.import_module(MODEL_MODULES[kind])
+    # The family's module: `load(config_path, weights_path, *, dtype, device)`.
+    module = importlib.import_module(f"mlx_ocr.{family.module}")
     model = module.load(Path(config_path), Path(weights_path), dtype=dtype_name, device=device_name,
                         quantize=quantize, group_size=group_size)
     return MLXModel(kind, model, device_name, dtype_name)

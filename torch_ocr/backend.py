@@ -13,17 +13,14 @@ from typing import Any, Iterator
 
 import torch
 
-from common.backend import MODEL_KINDS
-from common.errors import UnknownModelError, UserError
+from common.errors import UserError
 from common.generation import GeneratedToken, GenerationOptions, PromptInputs
+from common.models import get_family
 from common.timing import Timings
 
+from .engine import Engine
 from .generate import generate
 from .loader import DTYPES, resolve_device
-
-#: Model kind -> module with `load(config_path, weights_path, *, dtype, device)`.
-MODEL_MODULES: dict[str, str] = {"deepseek-ocr": "torch_ocr.deepseek_ocr", "paddleocr-vl": "torch_ocr.paddleocr_vl"}
-
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """'auto' -> bfloat16 on an accelerator, float32 on the CPU (bfloat16 matmuls are slow on most CPUs)."""
@@ -50,7 +47,7 @@ def _is_quantized_snapshot(config_path: Path) -> bool:
 
 
 class TorchModel:
-    """A loaded model plus where it runs; `generate` is the shared loop in torch_ocr/generate.py."""
+    """A loaded model plus where it runs; `generate` is one sequence, `engine` many (engine.py)."""
 
     backend = "torch"
 
@@ -67,6 +64,10 @@ class TorchModel:
         timings.sync = self.sync
         return generate(self.model, inputs, options, timings, cancel)
 
+    def engine(self, max_batch: int) -> Engine:
+        """A batched engine over this model: `max_batch` slots decoded together (common/engine.py)."""
+        return Engine(self.model, max_batch, sync=self.sync)
+
 
 def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
                quantize: int | None = None, group_size: int = 64) -> TorchModel:
@@ -74,8 +75,7 @@ def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, 
 
     Quantization is an MLX feature: asking for it here, or loading an MLX-quantized snapshot, is a `UserError`.
     """
-    if kind not in MODEL_MODULES:
-        raise UnknownModelError(f"unknown model kind {kind!r} (one of {', '.join(MODEL_KINDS)})")
+    family = get_family(kind)  # an unknown id is an UnknownModelError listing the known ones
     if quantize:
         raise UserError("--quantize needs the MLX backend (--backend mlx); the torch backend runs float weights",
                         param="quantize")
@@ -84,6 +84,7 @@ def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, 
                         param="model_dir")
     torch_device = resolve_device(device)
     dtype_name = resolve_dtype(dtype, torch_device)
-    module = importlib.import_module(MODEL_MODULES[kind])
+    # The family's module: `load(config_path, weights_path, *, dtype, device)`.
+    module = importlib.import_module(f"torch_ocr.{family.module}")
     model = module.load(Path(config_path), Path(weights_path), dtype=DTYPES[dtype_name], device=torch_device)
     return TorchModel(kind, model, torch_device, dtype_name)

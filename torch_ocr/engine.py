@@ -97,6 +97,8 @@ class Engine:
             raise RuntimeError(f"no free slot: all {self.max_batch} are busy")
         state = _Slot.create(inputs, options, timings, inputs=inputs,
                              processors=make_processors(options.sampling), sampler=make_sampler(options.sampling))
+        if self._sync is not None:
+            timings.sync = self._sync  # stage timings wait for the device, as the step timings do
         model, watch = self.model, Stopwatch(self._sync)
         with torch.inference_mode():
             with timings.measure("vision.compute_embeddings"):
