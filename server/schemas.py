@@ -18,6 +18,8 @@ from .errors import RequestError
 MAX_TOKENS_LIMIT = 1 << 14
 MAX_TOP_LOGPROBS = 20             # OpenAI's own bound
 MAX_STOPS = 4
+#: Stop strings are matched against every streamed delta on the event loop; their length bounds that work.
+MAX_STOP_CHARS = 1000
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 IMAGE_DETAILS = ("auto", "low", "high", "original")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
@@ -122,6 +124,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         raise _fail("'stop' must be a string or a list of strings", "stop")
     if len(items) > MAX_STOPS:
         raise _fail(f"'stop' holds at most {MAX_STOPS} strings, got {len(items)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in items):
+        raise _fail(f"each 'stop' string may be at most {MAX_STOP_CHARS} characters long", "stop")
     return tuple(s for s in items if s)
 
 

@@ -259,3 +259,13 @@ def test_protocol_errors_keep_their_status_and_a_gone_client_is_not_a_500(caplog
             assert status == 499 and body["error"]["code"] == "client_disconnected"
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("disconnected" in r.getMessage() for r in caplog.records)
+
+
+def test_stop_strings_are_capped_in_length() -> None:
+    # Each streamed delta is checked against every stop string's prefixes on the event loop.
+    from server.schemas import MAX_STOP_CHARS, parse_chat
+    user = [{"role": "user", "content": "hi"}]
+    assert parse_chat({"model": "deepseek-ocr", "messages": user, "stop": "x" * MAX_STOP_CHARS}).stop
+    with pytest.raises(RequestError) as info:
+        parse_chat({"model": "deepseek-ocr", "messages": user, "stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]})
+    assert info.value.param == "stop" and info.value.status == 400
