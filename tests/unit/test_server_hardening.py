@@ -269,3 +269,10 @@ def test_stop_strings_are_capped_in_length() -> None:
     with pytest.raises(RequestError) as info:
         parse_chat({"model": "deepseek-ocr", "messages": user, "stop": ["ok", "x" * (MAX_STOP_CHARS + 1)]})
     assert info.value.param == "stop" and info.value.status == 400
+
+
+def test_main_refuses_an_open_host_without_a_key_before_binding(tmp_path, monkeypatch, capsys) -> None:
+    from server.app import main
+    monkeypatch.delenv("DEEPSEEK_OCR_API_KEY", raising=False)
+    assert main(["--config", str(tmp_path / "config.toml"), "--host", "0.0.0.0", "--no-preload"]) == 2
+    assert "--insecure-no-auth" in capsys.readouterr().err
