@@ -111,6 +111,7 @@ SERVER_RULES: dict[str, Rule] = {
     "max_inflight_requests": _int(0),
     "decode_workers": _int(1, 64),
     "queue_size": _int(1),
+    "max_batch_size": _int(0, 256),
     "max_resident_models": _int(1),
     "image_fetch_timeout_s": _SECONDS,
     "image_max_bytes": _int(1),
@@ -282,9 +283,10 @@ class ServerSettings:
     max_images_per_request: int = 16
     max_request_pixels: int = 64_000_000     # all images of one request
     max_inflight_pixels: int = 192_000_000   # all admitted requests together (RGB: 3 bytes a pixel)
-    max_inflight_requests: int = 0       # admitted at once; 0 = queue_size + 1 (the queue and the running one)
+    max_inflight_requests: int = 0       # admitted at once; 0 = queue_size + the batch (queued and decoding)
     decode_workers: int = 2              # threads decoding images and parsing bodies
     queue_size: int = 16
+    max_batch_size: int = 0              # requests decoded together (continuous batching); 0 = 4 on CPU, else 8
     max_resident_models: int = 1
     image_fetch_timeout_s: float = 10.0
     image_max_bytes: int = 20 * 1024 * 1024

@@ -129,14 +129,16 @@ def create_app(settings: Settings, *, pipeline: Any | None = None, scheduler: An
     app.config.MAX_CONNECTIONS = server.max_connections
     app.config.FALLBACK_ERROR_FORMAT = "json"
     pipeline = pipeline if pipeline is not None else Pipeline(settings)
-    scheduler = scheduler if scheduler is not None else Worker(pipeline, server.queue_size)
+    scheduler = scheduler if scheduler is not None else Worker(pipeline, server.queue_size,
+                                                               max_batch_size=server.max_batch_size)
     limits = FetchLimits(timeout_s=server.image_fetch_timeout_s, max_bytes=server.image_max_bytes,
                          allow_private=server.allow_private_urls, max_urls=server.max_image_urls,
                          request_bytes=server.image_fetch_request_bytes,
                          request_timeout_s=server.image_fetch_request_timeout_s)
     loader = ImageLoader(limits, server.max_image_pixels, resolver=resolver, transport=transport,
                          max_images=server.max_images_per_request, decode_workers=server.decode_workers)
-    gate = AdmissionGate(server.max_inflight_requests or server.queue_size + 1, server.max_inflight_pixels,
+    batch = server.max_batch_size or Worker.DEFAULT_BATCH_ACCELERATOR
+    gate = AdmissionGate(server.max_inflight_requests or server.queue_size + batch, server.max_inflight_pixels,
                          server.max_request_pixels)
     app.ctx.state = ServerState(settings, pipeline, scheduler, loader, gate)
     register(app)

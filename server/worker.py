@@ -1,8 +1,8 @@
 """The queue between the event loop and the one thread that owns the backend.
 
 Routes only see the `Scheduler` protocol: `submit(request) -> Job` (an async iterator of the pipeline's events,
-`TextDelta`... then one `Result`) and `Job.cancel()`. `Worker` serves jobs one at a time, in order; a batching
-scheduler can replace it behind the same two calls. Only plain values cross threads: the pipeline's frozen
+`TextDelta`... then one `Result`) and `Job.cancel()`. `Worker` serves them by continuous batching: many jobs
+decode together, new ones join between decode steps. Only plain values cross threads: the pipeline's frozen
 dataclasses going out, a `threading.Event` coming in (the pipeline checks it between tokens).
 """
 from __future__ import annotations
@@ -86,21 +86,32 @@ class Scheduler(Protocol):
 
 
 class Worker:
-    """A bounded FIFO served by one thread calling `pipeline.stream(request, cancel)`.
+    """Continuous batching: one thread owns the pipeline and one `Batch` (common/batching.py) at a time.
 
-    `queue_size` counts jobs WAITING (the running one excluded). A full queue answers 429; when the job in front
-    is loading a model (slow: seconds to minutes) the answer is 503 with a longer Retry-After instead.
+    Between two decode steps the thread admits waiting jobs into free slots (prefill while the others keep their
+    place), then steps every running job by one token. Jobs for another model wait at the head of the queue until
+    the current model's batch drains (no starvation, no reload per request while `max_resident_models` keeps both).
+    `queue_size` counts jobs WAITING (the running ones excluded). A full queue answers 429; while a model loads
+    (slow: seconds to minutes) the answer is 503 with a longer Retry-After instead. `max_batch_size` 0 picks the
+    device's default (`DEFAULT_BATCH`).
     """
 
-    def __init__(self, pipeline: Any, queue_size: int, retry_after_s: int = 1, load_retry_after_s: int = 10) -> None:
+    #: Slots per batch when `max_batch_size` is 0: a CPU gains less from wide batches and holds the KV in RAM.
+    DEFAULT_BATCH = {"cpu": 4}
+    DEFAULT_BATCH_ACCELERATOR = 8
+
+    def __init__(self, pipeline: Any, queue_size: int, retry_after_s: int = 1, load_retry_after_s: int = 10,
+                 max_batch_size: int = 0) -> None:
         self.pipeline = pipeline
         self.queue_size = queue_size
+        self.max_batch_size = max_batch_size
         self.retry_after_s = retry_after_s
         self.load_retry_after_s = load_retry_after_s
         self._waiting: collections.deque[Job] = collections.deque()
         self._preload: collections.deque[str] = collections.deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._batch: Any = None
+        self._running: set[Job] = set()
         self._loading: str | None = None
         # Refreshed by the worker thread only: the pipeline holds its lock while loading a model, so asking it
         # from the event loop could stall every route for the length of a load.
@@ -120,10 +131,10 @@ class Worker:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancel everything and wait briefly for the thread to finish its current token."""
+        """Cancel everything and wait briefly for the thread to finish its current step."""
         with self._cond:
             self._stopping = True
-            jobs = [*self._waiting, *([self._running] if self._running else [])]
+            jobs = [*self._waiting, *self._running]
             self._waiting.clear()
             self._cond.notify_all()
         for job in jobs:
@@ -149,39 +160,99 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         with self._cond:
-            queued, running, loading = len(self._waiting), self._running is not None, self._loading
+            queued, active, loading = len(self._waiting), len(self._running), self._loading
+            batch = self._batch
         return {"loaded_models": list(self._loaded), "loading": loading,
-                "queued": queued, "queue_size": self.queue_size, "busy": running,
+                "queued": queued, "queue_size": self.queue_size, "active": active, "busy": active > 0,
+                "max_batch_size": batch.max_batch if batch is not None else self.max_batch_size,
                 "worker_alive": self._thread.is_alive()}
 
     def _cancel(self, job: Job) -> None:
         with self._cond:
-            if job in self._waiting:  # never started: free its slot now and end its iterator
+            if job in self._waiting:  # never started: free its place now and end its iterator
                 self._waiting.remove(job)
                 job._post(_END)
 
-    def _next(self) -> Job | str | None:
-        with self._cond:
-            while not (self._stopping or self._waiting or self._preload):
-                self._cond.wait()
-            if self._stopping:
-                return None
-            if self._preload:
-                return self._preload.popleft()
-            self._running = self._waiting.popleft()
-            return self._running
-
+    # ------------------------------------------------------------------------------------ the worker thread
     def _serve(self) -> None:
-        while (item := self._next()) is not None:
+        try:
+            while self._wait_for_work():
+                if self._preload:
+                    self._load(self._preload.popleft())
+                    continue
+                self._admit()
+                if self._running:
+                    self._step()
+        finally:
+            self._end_all()
+
+    def _wait_for_work(self) -> bool:
+        with self._cond:
+            while not (self._stopping or self._waiting or self._preload or self._running):
+                self._cond.wait()
+            return not self._stopping
+
+    def _next_job(self) -> Job | None:
+        """The head of the queue when the current batch can take it now, else None (it keeps its place)."""
+        with self._cond:
+            if not self._waiting:
+                return None
+            job, batch = self._waiting[0], self._batch
+            model = job.request.model or self.pipeline.settings.active_model
+            if batch is not None and (batch.model_id != model and self._running or not batch.free_slots):
+                return None
+            return self._waiting.popleft()
+
+    def _admit(self) -> None:
+        while (job := self._next_job()) is not None:
+            if job.cancelled.is_set():  # cancelled between leaving the queue and starting
+                job._post(_END)
+                continue
             try:
-                if isinstance(item, str):
-                    self._load(item)
-                else:
-                    self._run(item)
+                batch = self._batch_for(job.request.model or self.pipeline.settings.active_model)
+                batch.admit(job.request, key=job, cancel=job.cancelled)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to the request that caused it
+                job._post(exc)
+                job._post(_END)
+                continue
+            with self._cond:
+                self._running.add(job)
+
+    def _batch_for(self, model: str) -> Any:
+        """The batch serving `model`, made (and the model loaded, reported as "loading") when it is another."""
+        if self._batch is not None and self._batch.model_id == model:
+            return self._batch
+        if model not in self._loaded:
+            self._loading = model
+            try:
+                self.pipeline.load(model)
             finally:
-                self._loaded = list(self.pipeline.loaded_models())
+                self._loading, self._loaded = None, list(self.pipeline.loaded_models())
+        size = self.max_batch_size or self.DEFAULT_BATCH.get(self.pipeline.load(model).device,
+                                                             self.DEFAULT_BATCH_ACCELERATOR)
+        batch = self.pipeline.batch(model, size)
+        with self._cond:
+            self._batch = batch
+        return batch
+
+    def _step(self) -> None:
+        try:
+            outputs = self._batch.step()
+        except Exception as exc:  # noqa: BLE001 - an internal fault ends the jobs of this batch, not the server
+            log.exception("decode step failed; ending %d requests", len(self._running))
+            with self._cond:
+                jobs, self._running, self._batch = list(self._running), set(), None
+            for job in jobs:
+                job._post(exc)
+                job._post(_END)
+            return
+        for job, events in outputs:
+            for event in events:
+                job._post(event)
+            if events and isinstance(events[-1], Result):
+                job._post(_END)
                 with self._cond:
-                    self._running = None
+                    self._running.discard(job)
 
     def _load(self, model: str) -> None:
         self._loading = model
@@ -191,25 +262,19 @@ class Worker:
             log.exception("preloading model %r failed", model)
         finally:
             self._loading = None
+            self._loaded = list(self.pipeline.loaded_models())
 
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # cancelled between leaving the queue and starting
-            job._post(_END)
-            return
-        try:
-            model = job.request.model
-            if model is not None and model not in self._loaded:
-                # Loaded here rather than inside stream(), so "loading" (503 instead of 429) covers exactly the load.
-                self._loading = model
-                try:
-                    self.pipeline.load(model)
-                finally:
-                    self._loading, self._loaded = None, list(self.pipeline.loaded_models())
-            # A cancelled job is not abandoned here: the pipeline sees the event between tokens and still ends
-            # with its Result, which carries the usage counts a stop string needs.
-            for event in self.pipeline.stream(job.request, job.cancelled):
-                job._post(event)
-        except Exception as exc:  # noqa: BLE001 - every failure goes back to the request that caused it
-            job._post(exc)
-        finally:
+    def _end_all(self) -> None:
+        """On stop: running jobs end with their (cancelled) results; nothing is left hanging."""
+        batch = self._batch
+        if batch is not None:
+            try:
+                for job, events in batch.cancel_all():
+                    for event in events:
+                        job._post(event)
+            except Exception:  # noqa: BLE001 - shutting down: the END below still reaches every job
+                log.exception("ending the running requests failed")
+        with self._cond:
+            jobs, self._running = list(self._running), set()
+        for job in jobs:
             job._post(_END)

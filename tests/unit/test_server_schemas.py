@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge
@@ -239,11 +240,65 @@ from common.pipeline import Request, Result, TextDelta  # noqa: E402
 from server.worker import Worker  # noqa: E402
 
 
+class ScriptedBatch:
+    """The `common.batching.Batch` surface, scripted: each request yields `tokens` deltas "<prompt><i> "; every
+    step waits for the pipeline's `release`; a step may fail at token `fail_at`."""
+
+    def __init__(self, pipeline: ScriptedPipeline, model_id: str, max_batch: int) -> None:
+        self.pipeline, self.model_id, self.max_batch = pipeline, model_id, max_batch
+        self.entries: dict = {}
+        self.steps, self.widest = 0, 0
+        pipeline.batches.append(self)
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self.entries)
+
+    @property
+    def active(self) -> int:
+        return len(self.entries)
+
+    def admit(self, request: Request, key=None, cancel: threading.Event | None = None) -> None:
+        self.pipeline.started.append(request.prompt)
+        self.entries[key] = [request, 0, cancel]
+        self.pipeline.running.set()
+
+    def _result(self, request: Request, count: int, finish: str) -> Result:
+        return Result(text="", token_ids=[], prompt_tokens=2, completion_tokens=count, finish_reason=finish,
+                      model=request.model, backend="scripted", device="cpu", dtype="float32", timings_ms={})
+
+    def step(self) -> list:
+        self.pipeline.release.wait(10)
+        self.steps, self.widest = self.steps + 1, max(self.widest, len(self.entries))
+        out = []
+        for key, entry in list(self.entries.items()):
+            request, count, cancel = entry
+            if cancel is not None and cancel.is_set():
+                out.append((key, [self._result(request, count, "cancelled")]))
+                del self.entries[key]
+                continue
+            if self.pipeline.fail_at == count:
+                raise RuntimeError("backend fault")
+            entry[1] = count + 1
+            events = [TextDelta(f"{request.prompt}{count} ")]
+            if count + 1 == self.pipeline.tokens:
+                events.append(self._result(request, count + 1, "length"))
+                del self.entries[key]
+            out.append((key, events))
+        return out
+
+    def cancel_all(self) -> list:
+        out = [(key, [self._result(e[0], e[1], "cancelled")]) for key, e in self.entries.items()]
+        self.entries.clear()
+        return out
+
+
 class ScriptedPipeline:
-    """Yields `tokens` deltas per request; holds each request at `hold` until released; may fail mid-stream."""
+    """Serves `ScriptedBatch`es; holds each step at `release` until released; loads wait for `load_gate`."""
 
     def __init__(self, tokens: int = 3, fail_at: int | None = None) -> None:
         self.tokens, self.fail_at = tokens, fail_at
+        self.settings = SimpleNamespace(active_model="deepseek-ocr")
         self.loaded: list[str] = []
         self.started: list[str] = []
         self.release = threading.Event()
@@ -251,31 +306,21 @@ class ScriptedPipeline:
         self.load_gate = threading.Event()
         self.load_gate.set()
         self.running = threading.Event()
+        self.batches: list[ScriptedBatch] = []
 
     def loaded_models(self) -> list[str]:
         return list(self.loaded)
 
-    def load(self, model: str) -> None:
+    def loaded_tokenizer(self, model: str) -> None:
+        return None
+
+    def load(self, model: str) -> SimpleNamespace:
         self.load_gate.wait(10)
         self.loaded = [model]
+        return SimpleNamespace(device="cpu")
 
-    def stream(self, request: Request, cancel: threading.Event):
-        self.started.append(request.prompt)
-        if request.model not in self.loaded:
-            self.load(request.model)
-        self.running.set()
-        self.release.wait(10)
-        finish, count = "length", 0
-        for i in range(self.tokens):
-            if cancel.is_set():
-                finish = "cancelled"
-                break
-            if self.fail_at == i:
-                raise RuntimeError("backend fault")
-            count += 1
-            yield TextDelta(f"{request.prompt}{i} ")
-        yield Result(text="", token_ids=[], prompt_tokens=2, completion_tokens=count, finish_reason=finish,
-                     model=request.model, backend="scripted", device="cpu", dtype="float32", timings_ms={})
+    def batch(self, model: str, max_batch: int) -> ScriptedBatch:
+        return ScriptedBatch(self, model, max_batch)
 
 
 async def drain(job) -> list:
@@ -301,6 +346,50 @@ def test_worker_serves_in_order_and_answers_429_when_the_queue_is_full() -> None
             assert pipeline.started == ["a", "b", "c"]
             assert [e.text for e in results[1] if isinstance(e, TextDelta)] == ["b0 ", "b1 ", "b2 "]
             assert all(isinstance(r[-1], Result) for r in results)
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_worker_admits_queued_jobs_between_steps_and_decodes_them_together() -> None:
+    async def go() -> None:
+        pipeline = ScriptedPipeline(tokens=3)
+        pipeline.release.clear()
+        worker = Worker(pipeline, queue_size=4, max_batch_size=3)
+        worker.start()
+        try:
+            first = worker.submit(Request("a", model="deepseek-ocr"))
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.running.wait, 5)
+            later = [worker.submit(Request(p, model="deepseek-ocr")) for p in ("b", "c", "d")]
+            pipeline.release.set()
+            results = [await drain(job) for job in (first, *later)]
+            assert [[e.text for e in r if isinstance(e, TextDelta)] for r in results] == [
+                [f"{p}{i} " for i in range(3)] for p in "abcd"]
+            (batch,) = pipeline.batches
+            assert batch.max_batch == 3 and batch.widest == 3        # three rows in one step
+            assert batch.steps < 4 * 3                               # not one job after another
+            assert worker.status()["active"] == 0 and worker.status()["max_batch_size"] == 3
+        finally:
+            worker.stop()
+    asyncio.run(go())
+
+
+def test_a_job_for_another_model_waits_for_the_batch_to_drain_and_keeps_its_place() -> None:
+    async def go() -> None:
+        pipeline = ScriptedPipeline(tokens=2)
+        pipeline.release.clear()
+        worker = Worker(pipeline, queue_size=4, max_batch_size=4)
+        worker.start()
+        try:
+            jobs = [worker.submit(Request("a", model="deepseek-ocr"))]
+            await asyncio.get_running_loop().run_in_executor(None, pipeline.running.wait, 5)
+            jobs += [worker.submit(Request("b", model="paddleocr-vl")),
+                     worker.submit(Request("c", model="deepseek-ocr"))]
+            pipeline.release.set()
+            for job in jobs:
+                assert isinstance((await drain(job))[-1], Result)
+            assert pipeline.started == ["a", "b", "c"]               # c did not jump ahead of b
+            assert [b.model_id for b in pipeline.batches] == ["deepseek-ocr", "paddleocr-vl", "deepseek-ocr"]
         finally:
             worker.stop()
     asyncio.run(go())
