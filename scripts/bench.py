@@ -3,6 +3,7 @@
     python scripts/bench.py                                   # both models, torch, bfloat16 and float32, CPU
     python scripts/bench.py --model paddleocr-vl --dtype float32 --max-new-tokens 16 --json bench.json
     python scripts/bench.py --model deepseek-ocr --reference-code DIR --reference-python VENV/bin/python
+    python scripts/bench.py --batch 1,4,8 --no-reference      # batched decode: tokens/s and pages/minute
 
 Each configuration (model x backend x dtype, ours or the reference) runs in a fresh subprocess, one after the
 other, so its peak resident memory (`ru_maxrss`) is its own and two full-size models never share the RAM.
@@ -16,6 +17,10 @@ References, fed the very inputs our pipeline built (captured from its `generate`
 in nothing): PaddleOCR-VL through transformers' `PaddleOCRVLForConditionalGeneration` in this interpreter;
 DeepSeek-OCR through the official remote code, which needs transformers 4.46 and so its own environment
 (`--reference-code`, `--reference-python`; see `scripts/bench_reference.py`). Without them that column is skipped.
+
+`--batch 1,4,8` runs every configuration once per batch size: B copies of the page through `Pipeline.map` (the
+engine decodes them together), and for PaddleOCR-VL transformers' own batched `generate` on the same B inputs.
+Decode tokens/s is then the whole batch's (B rows x steps / decode time) and pages/minute counts B pages.
 """
 from __future__ import annotations
 
@@ -202,6 +207,39 @@ class _ProbedModel:
             if close is not None:
                 close()
 
+    def engine(self, max_batch: int) -> _ProbedEngine:
+        return _ProbedEngine(self._model.engine(max_batch), self._probe)
+
+
+class _ProbedEngine:
+    """An engine that keeps the first inputs it got and notes when the first token comes out."""
+
+    def __init__(self, engine: Any, probe: _Probe) -> None:
+        self._engine, self._probe = engine, probe
+        self.max_batch = engine.max_batch
+
+    @property
+    def active(self) -> list[int]:
+        return self._engine.active
+
+    @property
+    def free_slots(self) -> int:
+        return self._engine.free_slots
+
+    def add(self, inputs: Any, options: Any, timings: Any) -> int:
+        if self._probe.inputs is None:
+            self._probe.inputs = inputs
+        return self._engine.add(inputs, options, timings)
+
+    def step(self) -> list[Any]:
+        out = self._engine.step()
+        if out and self._probe.first_token_at is None:
+            self._probe.first_token_at = time.perf_counter()
+        return out
+
+    def abort(self, slot: int) -> None:
+        self._engine.abort(slot)
+
 
 @dataclass
 class _Probe:
@@ -257,8 +295,12 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.warmup:
         pipeline.run(request(min(2, args.max_new_tokens)))
+    probe.inputs = probe.first_token_at = None
     started = time.perf_counter()
-    result = pipeline.run(request(args.max_new_tokens))
+    if args.batch == 1:
+        result = pipeline.run(request(args.max_new_tokens))
+    else:  # every row is admitted before the first step, so each row's decode.iterative is the batch's
+        (result, *_) = list(pipeline.map([request(args.max_new_tokens)] * args.batch, batch_size=args.batch))
     wall_s = time.perf_counter() - started
     if args.save_inputs:
         _save_inputs(probe.inputs, args.save_inputs)
@@ -266,7 +308,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
             "backend": result.backend, "device": result.device, "dtype": result.dtype,
             "timings_ms": result.timings_ms, "timing_calls": result.timing_calls, "load_s": load_s,
-            "ttft_ms": ttft_ms, "wall_s": wall_s, "peak_rss_after_load": rss_loaded}
+            "ttft_ms": ttft_ms, "wall_s": wall_s, "peak_rss_after_load": rss_loaded, "batch": args.batch}
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -285,6 +327,7 @@ class Config:
     backend: str              # ours: torch | mlx; reference: its name
     dtype: str
     checkpoint: Path
+    batch: int = 1
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -315,9 +358,9 @@ def _memory_refusal(checkpoint: Path, model: str, dtype: str, factor: float, che
 
 def measure(config: Config, args: argparse.Namespace, inputs: Path) -> dict[str, Any]:
     """Run `config` in its own subprocess and add the derived numbers (tokens/s, bandwidth)."""
-    result = inputs.with_name(f"{config.model}-{config.impl}-{config.backend}-{config.dtype}.json")
+    result = inputs.with_name(f"{config.model}-{config.impl}-{config.backend}-{config.dtype}-b{config.batch}.json")
     common = ["--model", config.model, "--dtype", config.dtype, "--checkpoint", str(config.checkpoint),
-              "--max-new-tokens", str(args.max_new_tokens), "--result", str(result)] + (
+              "--max-new-tokens", str(args.max_new_tokens), "--result", str(result), "--batch", str(config.batch)] + (
         ["--warmup"] if args.warmup else [])
     if config.impl == "ours":
         command = [sys.executable, __file__, "--worker", "--backend", config.backend, "--device", args.device,
@@ -334,7 +377,7 @@ def measure(config: Config, args: argparse.Namespace, inputs: Path) -> dict[str,
         return {"error": refusal}
     if config.impl == "reference" and not inputs.exists():
         return {"error": "skipped: no inputs captured (our run of this model failed)"}
-    print(f"running {config.model} {config.impl} {config.backend} {config.dtype} ...", flush=True)
+    print(f"running {config.model} {config.impl} {config.backend} {config.dtype} batch {config.batch} ...", flush=True)
     record = _subprocess(command, result, args.timeout)
     return derive(record, config, args) if "error" not in record else record
 
@@ -344,29 +387,31 @@ def derive(record: dict[str, Any], config: Config, args: argparse.Namespace) -> 
     stages = record["timings_ms"]
     prefill_ms, iterative_ms = stages.get("decode.prefill") or 0.0, stages.get("decode.iterative") or 0.0
     steps = max(record["completion_tokens"] - 1, 0)  # the first token comes out of the prefill
+    rows = record.get("batch", 1)                     # a batched step gives one token per row
     active, params = active_weight_bytes(config.checkpoint, config.model, config.dtype)
     record["prefill_tok_s"] = record["prompt_tokens"] / (prefill_ms / 1000) if prefill_ms > 0 else None
-    record["decode_tok_s"] = steps / (iterative_ms / 1000) if iterative_ms > 0 and steps else None
+    record["decode_tok_s"] = rows * steps / (iterative_ms / 1000) if iterative_ms > 0 and steps else None
+    record["pages_per_min"] = rows / record["wall_s"] * 60.0 if record.get("wall_s") else None
     record["vision_prefill_ms"] = (stages.get("vision.compute_embeddings") or 0.0) + prefill_ms
     record["active_bytes_per_token"], record["params"] = active, params
-    record["bandwidth_gb_s"] = active * record["decode_tok_s"] / 1e9 if record["decode_tok_s"] else None
+    # the weights are read once per step, whatever the batch
+    record["bandwidth_gb_s"] = active * record["decode_tok_s"] / rows / 1e9 if record["decode_tok_s"] else None
     return record
 
 
 def ratios(configs: list[Config]) -> list[dict[str, Any]]:
     """Ours against the reference, per model and dtype: speed-ups (> 1: ours faster) and memory (< 1: ours smaller)."""
     rows = []
-    refs = {(c.model, c.dtype): c.record for c in configs if c.impl == "reference" and "error" not in c.record}
+    refs = {(c.model, c.dtype, c.batch): c.record for c in configs
+            if c.impl == "reference" and "error" not in c.record}
     for c in configs:
-        ref = refs.get((c.model, c.dtype))
+        ref = refs.get((c.model, c.dtype, c.batch))
         if c.impl != "ours" or ref is None or "error" in c.record:
             continue
         ours = c.record
 
-        def div(a: float | None, b: float | None) -> float | None:
-            return a / b if a and b else None
-
-        rows.append({"model": c.model, "backend": c.backend, "dtype": c.dtype,
+        div = _ratio
+        rows.append({"model": c.model, "backend": c.backend, "dtype": c.dtype, "batch": c.batch,
                      "vision_prefill_speedup": div(ref["vision_prefill_ms"], ours["vision_prefill_ms"]),
                      "decode_speedup": div(ours["decode_tok_s"], ref["decode_tok_s"]),
                      "ttft_speedup": div(ref["ttft_ms"], ours["ttft_ms"]),
@@ -385,18 +430,20 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[str, Any]], notes: list[str]) -> str:
     """The readable report: platform, one summary row per configuration, stage timings, ratios, notes."""
     lines = ["platform: " + ", ".join(f"{k}={v}" for k, v in info.items())]
-    head = (f"{'#':<4}{'model':<13}{'impl':<11}{'backend':<20}{'dtype':<10}{'load s':>8}{'TTFT ms':>10}{'vis+pre ms':>11}"
-            f"{'prompt':>7}{'prefill t/s':>12}{'decode t/s':>11}{'GB/s':>7}{'peak RSS GB':>12}")
+    head = (f"{'#':<4}{'model':<13}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'load s':>8}{'TTFT ms':>10}"
+            f"{'vis+pre ms':>11}{'prompt':>7}{'prefill t/s':>12}{'decode t/s':>11}{'pages/min':>10}{'GB/s':>7}"
+            f"{'peak RSS GB':>12}")
     lines += ["", head, "-" * len(head)]
     for number, c in enumerate(configs, 1):
         r = c.record
-        start = f"{f'#{number}':<4}{c.model:<13}{c.impl:<11}{c.backend[:19]:<20}{c.dtype:<10}"
+        start = f"{f'#{number}':<4}{c.model:<13}{c.impl:<11}{c.backend[:19]:<20}{c.dtype:<10}{c.batch:>3}"
         if "error" in r:
             lines.append(start + r["error"])
             continue
         lines.append(start + f"{_fmt(r['load_s']):>8}{_fmt(r['ttft_ms'], 0):>10}{_fmt(r['vision_prefill_ms'], 0):>11}"
                      f"{r['prompt_tokens']:>7}{_fmt(r['prefill_tok_s']):>12}{_fmt(r['decode_tok_s'], 2):>11}"
-                     f"{_fmt(r['bandwidth_gb_s'], 2):>7}{_fmt(r['peak_rss_bytes'] / 1e9, 2):>12}")
+                     f"{_fmt(r.get('pages_per_min'), 2):>10}{_fmt(r['bandwidth_gb_s'], 2):>7}"
+                     f"{_fmt(r['peak_rss_bytes'] / 1e9, 2):>12}")
     done = [(number, c) for number, c in enumerate(configs, 1) if "error" not in c.record]
     if done:
         lines += ["", "stage timings, ms (calls), per configuration #; '-' = not measured for that implementation"]
@@ -411,15 +458,41 @@ def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[st
             lines.append(f"{stage:<28}" + "".join(f"{cell:>{width}}" for cell in cells))
     if ratio_rows:
         lines += ["", "ours / reference (speed-up > 1 = ours faster; memory < 1 = ours smaller)",
-                  f"{'model':<13}{'backend':<8}{'dtype':<10}{'vis+prefill':>12}{'decode':>8}{'TTFT':>7}"
+                  f"{'model':<13}{'backend':<8}{'dtype':<10}{'B':>3}{'vis+prefill':>12}{'decode':>8}{'TTFT':>7}"
                   f"{'load':>7}{'peak RSS':>9}"]
         for row in ratio_rows:
-            lines.append(f"{row['model']:<13}{row['backend']:<8}{row['dtype']:<10}"
+            lines.append(f"{row['model']:<13}{row['backend']:<8}{row['dtype']:<10}{row['batch']:>3}"
                          f"{_fmt(row['vision_prefill_speedup'], 2):>12}{_fmt(row['decode_speedup'], 2):>8}"
                          f"{_fmt(row['ttft_speedup'], 2):>7}{_fmt(row['load_speedup'], 2):>7}"
                          f"{_fmt(row['memory_ratio'], 2):>9}")
+    scaling = batch_scaling(configs)
+    if scaling:
+        lines += ["", "batch B decode throughput / batch 1 (same model, implementation, backend, dtype)",
+                  f"{'model':<13}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'decode x':>10}{'pages/min x':>12}"]
+        for row in scaling:
+            lines.append(f"{row['model']:<13}{row['impl']:<11}{row['backend'][:19]:<20}{row['dtype']:<10}"
+                         f"{row['batch']:>3}{_fmt(row['decode_scaling'], 2):>10}{_fmt(row['pages_scaling'], 2):>12}")
     lines += ["", *notes] if notes else []
     return "\n".join(lines)
+
+
+def batch_scaling(configs: list[Config]) -> list[dict[str, Any]]:
+    """Each batched run against the batch-1 run of the same configuration (> 1: batching pays)."""
+    ones = {(c.model, c.impl, c.backend, c.dtype): c.record for c in configs
+            if c.batch == 1 and "error" not in c.record}
+    rows = []
+    for c in configs:
+        one = ones.get((c.model, c.impl, c.backend, c.dtype))
+        if c.batch == 1 or one is None or "error" in c.record:
+            continue
+        rows.append({"model": c.model, "impl": c.impl, "backend": c.backend, "dtype": c.dtype, "batch": c.batch,
+                     "decode_scaling": _ratio(c.record["decode_tok_s"], one["decode_tok_s"]),
+                     "pages_scaling": _ratio(c.record.get("pages_per_min"), one.get("pages_per_min"))})
+    return rows
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -439,6 +512,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--max-new-tokens", type=int, default=32, help="decoded tokens, fixed (EOS ignored)")
+    parser.add_argument("--batch", default="1", help="comma list of batch sizes, e.g. 1,4,8 (pages decoded together)")
     parser.add_argument("--warmup", action="store_true", help="a 2-token run before the measured one")
     parser.add_argument("--checkpoint", type=Path, help="use this snapshot (one model) instead of the full build")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
@@ -452,6 +526,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save-inputs", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    except ValueError:
+        parser.error(f"--batch {args.batch!r}: a comma list of integers >= 1")
+    if not args.batches or min(args.batches) < 1 or (args.worker and len(args.batches) != 1):
+        parser.error(f"--batch {args.batch!r}: a comma list of integers >= 1")
+    args.batch = args.batches[0]
     if args.max_new_tokens < 1:
         parser.error("--max-new-tokens must be >= 1")
     if not args.image.is_file():
@@ -473,11 +554,14 @@ def _plan(args: argparse.Namespace, notes: list[str]) -> list[Config]:
     for model in models:
         checkpoint = args.checkpoint or ensure_checkpoint(model)
         for dtype in dtypes:
-            configs += [Config(model, "ours", backend, dtype, checkpoint) for backend in backends]
-            if args.no_reference or (model == "deepseek-ocr" and not have_ds_reference):
-                continue
-            name = "official+tf4.46" if model == "deepseek-ocr" else "transformers"
-            configs.append(Config(model, "reference", name, dtype, checkpoint))
+            for batch in args.batches:
+                configs += [Config(model, "ours", backend, dtype, checkpoint, batch) for backend in backends]
+                if args.no_reference or (model == "deepseek-ocr" and not have_ds_reference):
+                    continue
+                if model == "deepseek-ocr" and batch > 1:
+                    continue  # the official code's infer() decodes one image at a time
+                name = "official+tf4.46" if model == "deepseek-ocr" else "transformers"
+                configs.append(Config(model, "reference", name, dtype, checkpoint, batch))
     return configs
 
 

@@ -90,7 +90,7 @@ def timed_generate(model: Any, clock: _Clock, kwargs: dict[str, Any], tokens: in
     prompt_tokens = int(kwargs["input_ids"].shape[1])
     return {
         "prompt_tokens": prompt_tokens, "completion_tokens": int(output.shape[1]) - prompt_tokens,
-        "ttft_ms": (first - started) * 1000.0,
+        "ttft_ms": (first - started) * 1000.0, "wall_s": total_s,
         "timings_ms": {"vision.compute_embeddings": clock.vision_s * 1000.0,
                        "decode.prefill": (first - started - clock.vision_s) * 1000.0,
                        "decode.iterative": (last - first) * 1000.0, "decode.generate": total_s * 1000.0},
@@ -116,6 +116,16 @@ def paddle_kwargs(checkpoint: Path, arrays: dict[str, np.ndarray], dtype: torch.
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "pixel_values": torch.from_numpy(arrays["pixel_values"]).reshape(-1, channels, patch, patch).to(dtype),
             "image_grid_thw": torch.from_numpy(arrays["image_grid_thw"]).to(torch.int64)}
+
+
+def batched(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The same page as `rows` rows of one batch: ids and mask stacked, each row's patches and grid repeated
+    (equal lengths, so no padding is involved)."""
+    if rows == 1:
+        return kwargs
+    return {"input_ids": kwargs["input_ids"].repeat(rows, 1), "attention_mask": kwargs["attention_mask"].repeat(rows, 1),
+            "pixel_values": kwargs["pixel_values"].repeat(rows, 1, 1, 1),
+            "image_grid_thw": kwargs["image_grid_thw"].repeat(rows, 1)}
 
 
 # ------------------------------------------------------------------------------------------------- DeepSeek-OCR
@@ -192,11 +202,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         options: dict[str, Any] = {}
         if args.model == "paddleocr-vl":
             model, vision, name = load_paddle(args.checkpoint, dtype)
-            kwargs = paddle_kwargs(args.checkpoint, arrays, dtype)
+            kwargs = batched(paddle_kwargs(args.checkpoint, arrays, dtype), args.batch)
         else:
             if args.reference_code is None:
                 raise SystemExit("--reference-code is required for deepseek-ocr")
             model, vision, name = load_deepseek(args.checkpoint, dtype, args.reference_code, Path(workdir))
+            if args.batch != 1:
+                raise SystemExit("--batch: the official DeepSeek-OCR code decodes one image at a time")
             kwargs = deepseek_kwargs(arrays, dtype)
             generation = json.loads((args.checkpoint / "generation_config.json").read_text(encoding="utf-8"))
             options = {"no_repeat_ngram_size": DEEPSEEK_NO_REPEAT_NGRAM, "eos_token_id": generation["eos_token_id"]}
@@ -208,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             timed_generate(model, clock, kwargs, min(2, args.max_new_tokens), **options)
         record = timed_generate(model, clock, kwargs, args.max_new_tokens, **options)
     versions = {p: _version(p) for p in ("torch", "transformers")}
-    return {"name": name, "versions": versions, "device": "cpu", "dtype": args.dtype,
+    return {"name": name, "versions": versions, "device": "cpu", "dtype": args.dtype, "batch": args.batch,
             "load_s": load_s, "peak_rss_after_load": rss_loaded, **record}
 
 
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=Path, required=True, help="arrays written by bench.py")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1, help="the same inputs as B rows of one batched generate")
     parser.add_argument("--warmup", action="store_true")
     parser.add_argument("--reference-code", type=Path, help="folder with the official DeepSeek-OCR .py files")
     parser.add_argument("--result", type=Path, required=True)
