@@ -32,7 +32,7 @@ from .errors import UserError
 from .images import open_image
 from .pdf import DEFAULT_DPI, PageReader, PdfSource, is_pdf, is_pdf_file, iter_pages
 from .pipeline import REQUEST_ONLY_KEYS, Pipeline, Request, Result, TextDelta
-from .prompts import DEFAULT_PROMPTS, IMAGE_PLACEHOLDER, check_placeholders
+from .models import check_family_options, get_family, model_options
 
 #: One image: a file path, an http(s) URL, encoded bytes, a binary stream, or a PIL image.
 ImageInput = Union[str, os.PathLike, bytes, bytearray, BinaryIO, Image.Image]
@@ -40,12 +40,14 @@ ImageInput = Union[str, os.PathLike, bytes, bytearray, BinaryIO, Image.Image]
 #: Keyword arguments of `OCR(...)` that name model files (the rest are [inference] settings).
 FILE_KEYS = ("model_config", "tokenizer", "weights")
 _URL_PREFIXES = ("http://", "https://")
+#: [inference] keys that belong to one model family (`mode`, `task`).
+_FAMILY_OPTIONS = tuple(option.name for option in model_options())
 
 
 class OCR:
     """A loaded model behind the shared pipeline. Calls are thread-safe (the pipeline serialises what must be).
 
-    `model`: "deepseek-ocr" or "paddleocr-vl" (None: config.toml's active model, else DeepSeek-OCR).
+    `model`: a registry id, `common.models.family_ids()` (None: config.toml's active model, else the first).
     `model_dir`, `model_config`, `tokenizer`, `weights`: local files (default: the hub snapshot in the cache).
     `backend`, `device`, `dtype`: fixed at load ("auto" unless config.toml says otherwise).
     `config`: the config.toml to read (default: the per-user one, created with comments when absent).
@@ -72,8 +74,10 @@ class OCR:
                 flags[key] = os.fspath(flags[key])
         self.settings: Settings = load_settings(Path(config) if config is not None else None, flags)
         self.model: str = self.settings.active_model
+        self.family = get_family(self.model)
         _check_model_options(self.model, defaults)
-        self._task_given = defaults.get("task") is not None
+        # The family options given here (e.g. task) shape every call's default prompt unless a call overrides them.
+        self._family_options = {name: defaults.get(name) for name in _FAMILY_OPTIONS}
         self.pipeline = Pipeline(self.settings, max_resident=1)
         self.last_result: Result | None = None
         self._lock = threading.Lock()
@@ -157,22 +161,10 @@ class OCR:
     def _prompt(self, prompt: str | None, n_images: int, overrides: dict[str, Any]) -> str:
         """The prompt text for `n_images`, the CLI's defaults and checks included."""
         _check_model_options(self.model, overrides)
-        task = overrides.get("task") is not None or (self._task_given and "task" not in overrides)
-        if prompt is None:
-            if not n_images:
-                raise UserError("nothing to do: give images, a prompt, or both")
-            if self.model == "deepseek-ocr":
-                # The default prompt is written for one page; more pages get one placeholder each, in front.
-                body = DEFAULT_PROMPTS[self.model].split(IMAGE_PLACEHOLDER + "\n", 1)[1]
-                return f"{IMAGE_PLACEHOLDER}\n" * n_images + body
-            return "" if task else DEFAULT_PROMPTS[self.model]
-        if not isinstance(prompt, str):
+        options = {**self._family_options, **{k: v for k, v in overrides.items() if k in _FAMILY_OPTIONS}}
+        if prompt is not None and not isinstance(prompt, str):
             raise UserError(f"prompt must be a string, got {type(prompt).__name__}", param="prompt")
-        if task and prompt.replace(IMAGE_PLACEHOLDER, "").strip():
-            raise UserError("give a task or a prompt with text, not both", param="task")
-        if self.model == "deepseek-ocr" or IMAGE_PLACEHOLDER in prompt:
-            check_placeholders(prompt, n_images, param="prompt")
-        return prompt
+        return self.family.user_prompt(prompt, n_images, options, param="prompt")
 
     def _overrides(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = [key for key in overrides if key not in INFERENCE_RULES and key not in REQUEST_ONLY_KEYS]
@@ -196,10 +188,7 @@ def _checked(key: str, value: Any) -> Any:
 
 
 def _check_model_options(model: str, options: dict[str, Any]) -> None:
-    if options.get("task") is not None and model != "paddleocr-vl":
-        raise UserError("task is a PaddleOCR-VL option (use OCR('paddleocr-vl'))", param="task")
-    if options.get("mode") is not None and model != "deepseek-ocr":
-        raise UserError("mode is a DeepSeek-OCR option", param="mode")
+    check_family_options(model, options, hint=lambda owner: f"use OCR({owner.id!r})")
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput] | None) -> list[ImageInput]:

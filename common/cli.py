@@ -123,10 +123,10 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
         logprobs: str | int = 0, format: str = "text", bench: str | bool = False,
         clean: str | bool = False) -> None:
     """OCR images with a local model (see `deepseek-ocr-cli --help`). Values arrive as the strings typed."""
-    from .config import load_settings  # noqa: PLC0415 - keeps `--help` and argument errors instant
+    from .config import _flag as flag_name, load_settings  # noqa: PLC0415 - keeps `--help` instant
     from .errors import UserError  # noqa: PLC0415
+    from .models import check_family_options, get_family, model_options  # noqa: PLC0415
     from .pipeline import Pipeline, Request  # noqa: PLC0415
-    from .prompts import DEFAULT_PROMPTS, check_placeholders  # noqa: PLC0415
 
     out_format = _choice("format", format, ("text", "json"))
     want_bench, want_clean = _bool("bench", bench), _bool("clean", clean)
@@ -142,10 +142,9 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
              "no_repeat_ngram_size": no_repeat_ngram_size, "seed": seed, "repetition_guard": repetition_guard}
     settings = load_settings(Path(config).expanduser() if config else None, flags)
     model_id = settings.active_model
-    if task is not None and model_id != "paddleocr-vl":
-        raise UserError("--task is a PaddleOCR-VL option; add --model paddleocr-vl")
-    if mode is not None and model_id != "deepseek-ocr":
-        raise UserError("--mode is a DeepSeek-OCR option")
+    family = get_family(model_id)
+    family_flags = {option.name: flags.get(option.name) for option in model_options()}
+    check_family_options(model_id, family_flags, flag=flag_name, hint=lambda owner: f"add --model {owner.id}")
 
     inputs = [_read_input(source) for source in image]
     document = _pdf_document(pdf, image, inputs)
@@ -154,22 +153,11 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
     n_images = 1 if document is not None else len(image)  # a PDF is read one page per request
 
     text = _prompt_text(prompt, prompt_file)
-    if text is None:
-        if not n_images:
-            raise UserError("nothing to do: give --image, --pdf, --prompt or --prompt-file (see --help)")
-        if task is not None:
-            text = ""
-        elif model_id == "deepseek-ocr":
-            # The default prompt is written for one page; more pages get one placeholder each, in front.
-            text = "<image>\n" * n_images + DEFAULT_PROMPTS[model_id].split("<image>\n", 1)[1]
-        else:
-            text = DEFAULT_PROMPTS[model_id]
-    elif task is not None and text.replace("<image>", "").strip():
-        raise UserError("give --task or a prompt with text, not both")
-    if document is not None and text.count("<image>") > 1:
+    if text is None and not n_images:
+        raise UserError("nothing to do: give --image, --pdf, --prompt or --prompt-file (see --help)")
+    if document is not None and text is not None and text.count("<image>") > 1:
         raise UserError("a PDF is read one page per request: the prompt takes one <image> (the page)")
-    if model_id == "deepseek-ocr" or text.count("<image>"):
-        check_placeholders(text, n_images)
+    text = family.user_prompt(text, n_images, family_flags)
 
     pipeline = Pipeline(settings, max_resident=1)
     overrides = {"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs}

@@ -12,6 +12,7 @@ sees it skips `sanitize`, so no layout change is ever applied twice.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from common.errors import ConfigError, UserError
+from common.models import family_ids, family_of_model_type, get_family
 
 MARKER_KEY = "quantization"
 BITS = (4, 8)
@@ -96,8 +98,8 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
     """Write a pre-quantized snapshot of an original checkpoint directory; returns weight bytes before/after.
 
     The output directory holds the other snapshot files unchanged, `model.safetensors` in MLX module layout
-    and config.json with the quantization marker. `kind` ("deepseek-ocr" | "paddleocr-vl") is read from
-    config.json's `model_type` when not given; `vision` also quantizes the vision towers and projector.
+    and config.json with the quantization marker. `kind` (a model id) is read from config.json's `model_type`
+    when not given; `vision` also quantizes the vision towers and projector.
     """
     check_options(bits, group_size)
     model_dir, output_dir = Path(model_dir), Path(output_dir)
@@ -124,23 +126,18 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
 
 
 def _kind_of(raw: dict[str, Any], model_dir: Path) -> str:
+    """The model id whose family claims config.json's `model_type`."""
     model_type = str(raw.get("model_type", ""))
-    if model_type in ("deepseek_vl_v2", "deepseek-ocr", "deepseekocr"):
-        return "deepseek-ocr"
-    if model_type.startswith("paddleocr_vl"):
-        return "paddleocr-vl"
-    raise UserError(f"{model_dir}/config.json: cannot tell the model from model_type {model_type!r}")
+    family = family_of_model_type(model_type)
+    if family is None:
+        raise UserError(f"{model_dir}/config.json: cannot tell the model from model_type {model_type!r} "
+                        f"(known models: {', '.join(family_ids())})")
+    return family.id
 
 
 def _model_module(kind: str):
     # Imported here: the model modules import this one.
-    if kind == "deepseek-ocr":
-        from . import deepseek_ocr
-        return deepseek_ocr
-    if kind == "paddleocr-vl":
-        from . import paddleocr_vl
-        return paddleocr_vl
-    raise UserError(f"unknown model kind {kind!r} (deepseek-ocr or paddleocr-vl)")
+    return importlib.import_module(f"mlx_ocr.{get_family(kind).module}")
 
 
 def main(argv: list[str] | None = None) -> int:

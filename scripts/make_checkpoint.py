@@ -15,9 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts import ckpt_deepseek_ocr, ckpt_paddleocr_vl  # noqa: E402
+import importlib  # noqa: E402
 
-BUILDERS = {"deepseek-ocr": ckpt_deepseek_ocr.build, "paddleocr-vl": ckpt_paddleocr_vl.build}
+from common.models import FAMILIES  # noqa: E402
+
+#: Model id -> build(out_dir, *, size, seed, dtype), from the module each family names.
+BUILDERS = {model_id: importlib.import_module(family.checkpoint_builder).build
+            for model_id, family in FAMILIES.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

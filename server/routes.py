@@ -26,6 +26,7 @@ from common.errors import ImageError
 from common.generation import GeneratedToken
 from common.pipeline import Request, Result
 from common.prompts import FoldedPrompt, fold_messages
+from common.models import FAMILIES
 from common.registry import MODEL_IDS, get_model
 
 from . import tasks
@@ -146,7 +147,7 @@ async def ready(request: HttpRequest) -> HTTPResponse:
 
 
 #: Display names; Open WebUI shows `name` when a model object has one (OpenAI's objects do not, clients ignore it).
-MODEL_NAMES = {"deepseek-ocr": "DeepSeek-OCR", "paddleocr-vl": "PaddleOCR-VL"}
+MODEL_NAMES = {model_id: family.display_name for model_id, family in FAMILIES.items()}
 
 
 def _model_object(model_id: str) -> dict[str, Any]:

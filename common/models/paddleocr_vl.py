@@ -53,10 +53,10 @@ class PaddleOCRVL(ModelFamily):
 
     def user_prompt(self, prompt: str | None, n_images: int, options: Mapping[str, Any], *,
                     param: str | None = None) -> str:
-        if options.get("task") is not None and n_images:
-            if prompt is None:
+        if options.get("task") is not None:
+            if prompt is None and n_images:
                 return ""  # the task's text replaces the prompt; the images go in front of it
-            if prompt.replace(IMAGE_PLACEHOLDER, "").strip():
+            if prompt is not None and prompt.replace(IMAGE_PLACEHOLDER, "").strip():
                 raise UserError("a task replaces the prompt text: give the task or a prompt with text, not both",
                                 param="task")
         return super().user_prompt(prompt, n_images, options, param=param)

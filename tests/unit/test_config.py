@@ -225,3 +225,42 @@ def test_rules_cover_exactly_the_dataclass_fields() -> None:
     for section, cls in (("inference", InferenceSettings), ("server", ServerSettings)):
         for f in dataclasses.fields(cls):
             assert config.check_value(section, f.name, getattr(cls(), f.name)) == getattr(cls(), f.name)
+
+
+# ------------------------------------------------------------------------------------------- presets vs typed keys
+def test_typed_size_flag_beats_a_mode_preset_in_the_file(cfg: Path) -> None:
+    write(cfg, '[inference]\nmode = "tiny"\n')
+    assert load_settings(cfg, {}).inference.mode == "tiny"
+    inference = load_settings(cfg, {"base_size": "800"}).inference
+    # The typed key wins; the preset's other keys are kept, and the preset no longer applies.
+    assert (inference.mode, inference.base_size, inference.image_size, inference.crop_mode) == (None, 800, 512,
+                                                                                                 False)
+    inference = load_settings(cfg, {"crop_mode": "true", "image_size": "640"}).inference
+    assert (inference.mode, inference.base_size, inference.image_size, inference.crop_mode) == (None, 512, 640,
+                                                                                                True)
+
+
+def test_mode_flag_with_a_size_flag_is_one_line_error(cfg: Path) -> None:
+    with pytest.raises(UserError) as caught:
+        load_settings(cfg, {"mode": "small", "image_size": "640"})
+    message = str(caught.value)
+    assert "--mode" in message and "--image-size" in message and "\n" not in message
+    assert caught.value.param == "mode"
+    assert load_settings(cfg, {"mode": "small"}).inference.mode == "small"
+
+
+def test_request_size_override_replaces_the_preset() -> None:
+    base = InferenceSettings(mode="gundam")
+    changed = base.with_overrides({"base_size": 768})
+    assert (changed.mode, changed.base_size, changed.image_size, changed.crop_mode) == (None, 768, 640, True)
+    with pytest.raises(UserError, match="mode"):
+        base.with_overrides({"mode": "tiny", "crop_mode": False})
+
+
+def test_sampling_keys_stay_unset_until_given(cfg: Path) -> None:
+    inference = load_settings(cfg, {}).inference
+    assert all(getattr(inference, key) is None for key in config.SAMPLING_KEYS)
+    model = config.SamplingOptions(no_repeat_ngram_size=0)
+    assert inference.sampling(model).no_repeat_ngram_size == 0                      # unset: the model's default
+    given = load_settings(cfg, {"no_repeat_ngram_size": "20"}).inference
+    assert given.sampling(model).no_repeat_ngram_size == 20                          # given: kept, even if built-in
