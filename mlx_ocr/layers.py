@@ -15,7 +15,7 @@ import mlx.nn as nn
 
 from common.model_config import DeepseekV2Config, PaddleTextConfig
 
-from .cache import KVCache
+from .cache import KVCache, SlotCache
 
 
 class RMSNorm(nn.Module):
@@ -89,10 +89,13 @@ class CausalAttention(nn.Module):
     def attend(self, q: mx.array, k: mx.array, v: mx.array, cache: KVCache | None) -> mx.array:
         """Rotated q, k and v of the new positions -> (B, L, D) after `o_proj`; appends k, v to the cache."""
         b, _, length, _ = q.shape
+        mask = None
         if cache is not None:
             k, v = cache.update(k, v)
+            mask = cache.mask  # rows of different lengths in a batched step (SlotCache)
         # MLX's "causal" aligns the last query with the last key: also right for a chunk after cached positions.
-        mask = "causal" if length > 1 else None
+        if mask is None and length > 1:
+            mask = "causal"
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim ** -0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(b, length, self.heads * self.head_dim))
 
@@ -139,3 +142,9 @@ class CausalLM(nn.Module):
         d = self.decoder_config
         return [KVCache(batch_size, d.num_key_value_heads, d.head_dim, max_length, dtype=self.dtype,
                         device=self.device) for _ in range(d.num_hidden_layers)]
+
+    def make_slot_cache(self, max_batch: int, capacity: int) -> SlotCache:
+        """The engine's cache: `max_batch` slots of `capacity` positions for every decoder layer."""
+        d = self.decoder_config
+        return SlotCache(d.num_hidden_layers, max_batch, d.num_key_value_heads, d.head_dim, capacity,
+                         dtype=self.dtype, device=self.device)

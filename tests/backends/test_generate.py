@@ -126,6 +126,12 @@ class MLXToy:
         from mlx_ocr.cache import KVCache
         return [KVCache(batch_size, 1, D, max_length, dtype=self.mx.float32)]
 
+    device = "cpu"
+
+    def make_slot_cache(self, max_batch: int, capacity: int):
+        from mlx_ocr.cache import SlotCache
+        return SlotCache(1, max_batch, 1, D, capacity, dtype=self.mx.float32)
+
 
 @pytest.fixture(params=["torch", "mlx"])
 def backend(request: pytest.FixtureRequest) -> tuple[Any, type]:
