@@ -189,6 +189,7 @@ def test_help_teaches(run) -> None:
     (("page.png",), "unexpected argument"),
     (("--prompt", "x", "--logprobs", "2"), "--format json"),
     (("--image", "{page}", "--task", "table"), "PaddleOCR-VL"),
+    (("--image", "{page}", "--base-size", "640"), "give --mode or --base-size, not both"),  # FAST has --mode
     ((), "nothing to do"),
 ])
 def test_user_mistakes_exit_2_with_one_line(run, deepseek_tiny: Path, page: Path, args: tuple, needle: str) -> None:
