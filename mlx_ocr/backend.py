@@ -17,6 +17,7 @@ from common.generation import GeneratedToken, GenerationOptions, PromptInputs
 from common.models import get_family
 from common.timing import Timings
 
+from .engine import Engine
 from .generate import generate
 from .loader import DTYPES
 
@@ -73,9 +74,8 @@ class MLXModel:
         timings.sync = self.sync
         return generate(self.model, inputs, options, timings, cancel)
 
-    def engine(self, max_batch: int) -> Any:
+    def engine(self, max_batch: int) -> Engine:
         """A batched engine over this model: `max_batch` slots decoded together (common/engine.py)."""
-        from .engine import Engine  # noqa: PLC0415 - TODO(engine): top-level once mlx_ocr/engine.py lands
         return Engine(self.model, max_batch, sync=self.sync)
 
 
