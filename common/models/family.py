@@ -102,6 +102,7 @@ class ModelFamily:
     model_types: tuple[str, ...]             # config.json `model_type` values (prefixes) of this family
     options: tuple[ModelOption, ...] = ()    # [inference] keys only this family understands
     default_prompt: str = ""                 # one image's prompt when only images are given
+    placeholders_required: bool = True       # every image needs its <image>; False: images without one go first
 
     # -------------------------------------------------------------------------------------- identity
     def __repr__(self) -> str:
@@ -141,9 +142,6 @@ class ModelFamily:
         if self.placeholders_required or IMAGE_PLACEHOLDER in prompt:
             check_placeholders(prompt, n_images, param=param)
         return prompt
-
-    #: True when every image needs its `<image>` in the prompt; False when images without one go first.
-    placeholders_required: bool = True
 
     def default_prompt_for(self, n_images: int) -> str:
         """`default_prompt` for `n_images` images (the base prompt has no placeholders to multiply)."""
