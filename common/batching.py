@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Iterator
+from typing import Hashable, Iterable, Iterator, Sequence
 
 from .errors import UserError
 from .pipeline import Decoding, Pipeline, Request, Result, TextDelta
@@ -48,12 +48,32 @@ class Batch:
     def admit(self, request: Request, key: Hashable = None, cancel: threading.Event | None = None) -> None:
         """Prepare `request` and prefill it into a free slot; its events come back from `step` under `key`.
         Raises `UserError` for a bad request (nothing is admitted) and `RuntimeError` when no slot is free."""
-        model = request.model or self.pipeline.settings.active_model
-        if model != self.model_id:
-            raise ValueError(f"this batch serves {self.model_id!r}, not {model!r}")
-        prepared = self.pipeline.prepare(request)
-        slot = self.engine.add(prepared.inputs, prepared.options, prepared.timings)
-        self._running[slot] = _Running(key, Decoding(prepared), cancel)
+        (error,) = self.admit_many([(request, key, cancel)])
+        if error is not None:
+            raise error
+
+    def admit_many(self, items: Sequence[tuple[Request, Hashable, threading.Event | None]]) -> list[UserError | None]:
+        """`admit` for several requests, their images encoded in one vision pass where shapes allow. A request
+        that fails its preparation is left out and its `UserError` returned in its place (None: admitted); a
+        failure inside the engine (internal) admits none and raises."""
+        if len(items) > self.free_slots:
+            raise RuntimeError(f"no free slot: {len(items)} asked, {self.free_slots} of {self.max_batch} free")
+        errors: list[UserError | None] = []
+        ready = []
+        for request, key, cancel in items:
+            model = request.model or self.pipeline.settings.active_model
+            if model != self.model_id:
+                raise ValueError(f"this batch serves {self.model_id!r}, not {model!r}")
+            try:
+                ready.append((self.pipeline.prepare(request), key, cancel))
+                errors.append(None)
+            except UserError as error:
+                errors.append(error)
+        if ready:
+            slots = self.engine.add_many([(p.inputs, p.options, p.timings) for p, _, _ in ready])
+            for slot, (prepared, key, cancel) in zip(slots, ready):
+                self._running[slot] = _Running(key, Decoding(prepared), cancel)
+        return errors
 
     def step(self) -> list[tuple[Hashable, list[Event]]]:
         """One token for every running request: (key, its new events) per request, a request's last events
@@ -92,7 +112,8 @@ def run_in_order(pipeline: Pipeline, requests: Iterable[Request], batch_size: in
     pending: tuple[int, Request] | None = None
     exhausted, emitted = False, 0
     while True:
-        while not exhausted and (batch is None or batch.free_slots):
+        group: list[tuple[int, Request]] = []  # admitted together: one vision pass for their images
+        while not exhausted and (batch is None or len(group) < batch.free_slots):
             pending = pending or next(source, None)
             if pending is None:
                 exhausted = True
@@ -100,16 +121,22 @@ def run_in_order(pipeline: Pipeline, requests: Iterable[Request], batch_size: in
             index, request = pending
             model = request.model or pipeline.settings.active_model
             if batch is not None and batch.model_id != model:
-                if batch.active:
+                if batch.active or group:
                     break  # drain this model's batch first
                 batch = None
-            try:
-                if batch is None:
+            if batch is None:
+                try:
                     batch = Batch(pipeline, model, batch_size)
-                batch.admit(request, key=index)
-            except UserError as error:
-                done[index] = error
+                except UserError as error:
+                    done[index], pending = error, None
+                    continue
+            if len(group) >= batch.free_slots:
+                break  # a batch made just now for another model's request
+            group.append(pending)
             pending = None
+        if group:
+            errors = batch.admit_many([(request, index, None) for index, request in group])
+            done.update({index: error for (index, _), error in zip(group, errors) if error is not None})
         while emitted in done:
             item = done.pop(emitted)
             emitted += 1

@@ -12,6 +12,7 @@ attention and residual layer are `layers.py`'s, shared with PaddleOCR-VL; loadin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -430,6 +431,16 @@ class DeepseekOCRModel(nn.Module):
         return self.norm(x)
 
 
+def _views(inputs: DeepseekOCRInputs) -> list[np.ndarray]:
+    """The pixel views of a prompt in encoding order: per image its tiles (when tiled), then its global view."""
+    out = []
+    for image in inputs.images:
+        if image.tiles.shape[0]:
+            out.append(image.tiles)
+        out.append(image.global_view[None])
+    return out
+
+
 class DeepseekOCRForCausalLM(CausalLM):
     """The whole model; implements the shared model protocol (encode_images, prefill, step, make_cache)."""
 
@@ -448,6 +459,24 @@ class DeepseekOCRForCausalLM(CausalLM):
         Per image (rule 6): tiles as a (height tiles * n) x (width tiles * n) grid with a newline after every row,
         then the global view's grid with newlines, then one `view_seperator`.
         """
+        return self._assemble(inputs, lambda views: self.model.image_features(self._pixels(views)))
+
+    def encode_images_batch(self, batch: list[DeepseekOCRInputs]) -> list[mx.array | None]:
+        """`encode_images` of several prompts, with one vision pass per view size: every tile and global view of
+        the same size, across all prompts, goes through SAM, CLIP and the projector stacked."""
+        groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+        for inputs in batch:
+            for views in _views(inputs):
+                groups.setdefault(views.shape[1:], []).append(views)
+        features = {shape: iter(mx.split(self.model.image_features(self._pixels(np.concatenate(arrays))),
+                                         np.cumsum([a.shape[0] for a in arrays])[:-1].tolist()))
+                    for shape, arrays in groups.items()}
+        # _assemble asks for the views in the order _views listed them, so each group hands out its rows in turn
+        return [self._assemble(inputs, lambda views: next(features[views.shape[1:]])) for inputs in batch]
+
+    def _assemble(self, inputs: DeepseekOCRInputs, features_of: Any) -> mx.array | None:
+        """The prompt's image embeddings from `features_of(views)` ((V, 3, S, S) NumPy -> (V, n*n, hidden)), asked in
+        `_views` order."""
         if not inputs.images:
             return None
         m = self.model
@@ -455,11 +484,11 @@ class DeepseekOCRForCausalLM(CausalLM):
         for image in inputs.images:
             if image.tiles.shape[0]:
                 wide, high = image.crop
-                tiles = m.image_features(self._pixels(image.tiles))
+                tiles = features_of(image.tiles)
                 n = int(round(tiles.shape[1] ** 0.5))
                 grid = tiles.reshape(high, wide, n, n, -1).transpose(0, 2, 1, 3, 4).reshape(high * n, wide * n, -1)
                 pieces.append(m.with_newlines(grid))
-            glob = m.image_features(self._pixels(image.global_view[None]))
+            glob = features_of(image.global_view[None])
             n = int(round(glob.shape[1] ** 0.5))
             pieces.append(m.with_newlines(glob.reshape(n, n, -1)))
             pieces.append(m.view_seperator[None].astype(glob.dtype))

@@ -20,7 +20,7 @@ its ids on the host, so `_forward` runs its full forward at the start of the nex
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import mlx.core as mx
 
@@ -112,36 +112,63 @@ class Engine:
         return self.slots.free
 
     def add(self, inputs: PromptInputs, options: GenerationOptions, timings: Timings) -> int:
-        if options.max_new_tokens < 1:
+        return self.add_many([(inputs, options, timings)])[0]
+
+    def add_many(self, requests: Sequence[tuple[PromptInputs, GenerationOptions, Timings]]) -> list[int]:
+        """Several requests at once: their images in one vision pass where the model can stack them (each
+        request books its share of it), then each prompt prefilled into its own free slot. A failure frees every
+        slot this call took."""
+        if len(requests) > self.slots.free:
+            raise RuntimeError(f"no free slot: {len(requests)} asked, {self.slots.free} of {self.max_batch} free")
+        if any(options.max_new_tokens < 1 for _, options, _ in requests):
             raise ValueError("max_new_tokens must be >= 1")
-        if not self.slots.free:
-            raise RuntimeError(f"no free slot: all {self.max_batch} are busy")
-        state = _Slot.create(inputs, options, timings, inputs=inputs,
-                             processors=make_processors(options.sampling), sampler=make_sampler(options.sampling))
-        if self._sync is not None:
-            timings.sync = self._sync  # stage timings wait for the device (a step waits for its own ids, see step)
-        model, watch = self.model, Stopwatch(self._sync)
-        with timings.measure("vision.compute_embeddings"):
-            state.image_embeds = model.encode_images(inputs)
-            if state.image_embeds is not None:
-                mx.eval(state.image_embeds)  # lazy until evaluated: the stage would otherwise be timed as ~0
-        slot = self.slots.take(state)
+        states = [_Slot.create(inputs, options, timings, inputs=inputs, processors=make_processors(options.sampling),
+                               sampler=make_sampler(options.sampling)) for inputs, options, timings in requests]
+        for _, _, timings in requests:
+            if self._sync is not None:
+                timings.sync = self._sync  # stage timings wait for the device (a step waits for its own ids)
+        watch, taken = Stopwatch(self._sync), []
         try:
-            with timings.measure("decode.prefill"):
-                prompt = mx.array(inputs.input_ids, dtype=mx.int64)[None]                # (1, L)
-                needed = prompt.shape[1] + options.max_new_tokens
-                views = None
-                if options.use_cache:
-                    views = self._reserve(needed).prefill_view(slot)
-                state.logits = model.prefill(inputs, state.image_embeds, views)
-                state.history = mx.zeros((1, needed), dtype=mx.int64)
-                state.history[:, :prompt.shape[1]] = prompt
-                mx.eval(state.logits, state.history)
+            embeds = self._encode([inputs for inputs, _, _ in requests], [t for _, _, t in requests])
+            shared = watch.lap() / len(requests)
+            for (inputs, options, timings), state, image_embeds in zip(requests, states, embeds):
+                state.image_embeds, state.elapsed_ms = image_embeds, shared
+                taken.append(self.slots.take(state))
+                with timings.measure("decode.prefill"):
+                    self._prefill(taken[-1], state)
+                state.elapsed_ms += watch.lap()
         except BaseException:
-            self.slots.release(slot)
+            for slot in taken:
+                self.slots.release(slot)
             raise
-        state.elapsed_ms += watch.lap()
-        return slot
+        return taken
+
+    def _encode(self, prompts: list[PromptInputs], timings: list[Timings]) -> list[Any]:
+        """Image embeddings per prompt: one request alone as always, several through `encode_images_batch`;
+        evaluated here, or the stage would be timed as ~0 (MLX is lazy)."""
+        if len(prompts) == 1:
+            with timings[0].measure("vision.compute_embeddings"):
+                embeds = [self.model.encode_images(prompts[0])]
+                mx.eval([e for e in embeds if e is not None])
+            return embeds
+        watch = Stopwatch(self._sync)
+        embeds = self.model.encode_images_batch(prompts)
+        mx.eval([e for e in embeds if e is not None])
+        share = watch.lap() / len(prompts)
+        for t in timings:
+            t.add("vision.compute_embeddings", share)
+        return embeds
+
+    def _prefill(self, slot: int, state: _Slot) -> None:
+        """The prompt of `state` through the model into `slot` (batch one); its first logits and history."""
+        inputs, options = state.inputs, state.options
+        prompt = mx.array(inputs.input_ids, dtype=mx.int64)[None]                # (1, L)
+        needed = prompt.shape[1] + options.max_new_tokens
+        views = self._reserve(needed).prefill_view(slot) if options.use_cache else None
+        state.logits = self.model.prefill(inputs, state.image_embeds, views)
+        state.history = mx.zeros((1, needed), dtype=mx.int64)
+        state.history[:, :prompt.shape[1]] = prompt
+        mx.eval(state.logits, state.history)
 
     def _reserve(self, needed: int) -> SlotCache:
         """The slot cache with room for `needed` positions per slot (allocated or grown in CAPACITY_STEP steps)."""

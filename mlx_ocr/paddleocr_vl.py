@@ -258,6 +258,19 @@ class PaddleOCRVL(CausalLM):
         features = self.visual.vision_model(patches, grids)
         return self.mlp_AR(features, grids)
 
+    def encode_images_batch(self, batch: list[PaddleOCRVLInputs]) -> list[mx.array | None]:
+        """`encode_images` of several prompts in one pass: their patches concatenated (the tower already keeps
+        every image's attention to itself), then split back per prompt."""
+        grids = [tuple(int(v) for v in g) for inputs in batch for g in inputs.image_grid_thw]
+        if not grids:
+            return [None] * len(batch)
+        patches = mx.array(np.concatenate([inputs.pixel_values for inputs in batch]))
+        merged = self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+        merge = self.config.vision.spatial_merge_size ** 2
+        counts = [sum(int(t * h * w) // merge for t, h, w in inputs.image_grid_thw) for inputs in batch]
+        parts = mx.split(merged, np.cumsum(counts)[:-1].tolist())
+        return [part if count else None for part, count in zip(parts, counts)]
+
     def _logits(self, hidden: mx.array) -> mx.array:
         return self.lm_head(hidden).astype(mx.float32)
 
@@ -267,10 +280,11 @@ class PaddleOCRVL(CausalLM):
         order. `cache=None` is a plain full forward."""
         ids = np.asarray(inputs.input_ids, dtype=np.int64)
         x = self.model.embed_tokens(mx.array(ids))
+        slots = np.flatnonzero(ids == inputs.image_token_id)
+        count = 0 if image_embeds is None else image_embeds.shape[0]
+        if slots.size != count:
+            raise ValueError(f"{slots.size} image placeholders for {count} image embeddings")
         if image_embeds is not None:
-            slots = np.flatnonzero(ids == inputs.image_token_id)
-            if slots.size != image_embeds.shape[0]:
-                raise ValueError(f"{slots.size} image placeholders for {image_embeds.shape[0]} image embeddings")
             x[mx.array(slots)] = image_embeds.astype(x.dtype)
         positions = mx.array(inputs.position_ids)[:, None]  # (3, 1, L)
         hidden = self.model(x[None], positions, cache)

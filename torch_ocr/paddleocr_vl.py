@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -254,6 +255,19 @@ class PaddleOCRVL(CausalLM):
         features = self.visual.vision_model(patches, grids)
         return self.mlp_AR(features, grids)
 
+    @torch.no_grad()
+    def encode_images_batch(self, batch: list[PaddleOCRVLInputs]) -> list[torch.Tensor | None]:
+        """`encode_images` of several prompts in one pass: their patches concatenated (the tower already keeps
+        every image's attention to itself), then split back per prompt."""
+        grids = [tuple(int(v) for v in g) for inputs in batch for g in inputs.image_grid_thw]
+        if not grids:
+            return [None] * len(batch)
+        patches = torch.from_numpy(np.concatenate([inputs.pixel_values for inputs in batch])).to(self.device)
+        merged = self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+        merge = self.config.vision.spatial_merge_size ** 2
+        counts = [sum(int(t * h * w) // merge for t, h, w in inputs.image_grid_thw) for inputs in batch]
+        return [part if count else None for part, count in zip(merged.split(counts), counts)]
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
@@ -264,11 +278,12 @@ class PaddleOCRVL(CausalLM):
         order. `cache=None` is a plain full forward."""
         ids = torch.from_numpy(inputs.input_ids).to(self.device)
         x = self.model.embed_tokens(ids)
+        placeholders = int(np.count_nonzero(inputs.input_ids == inputs.image_token_id))
+        count = 0 if image_embeds is None else image_embeds.shape[0]
+        if placeholders != count:
+            raise ValueError(f"{placeholders} image placeholders for {count} image embeddings")
         if image_embeds is not None:
-            mask = ids == inputs.image_token_id
-            if int(mask.sum()) != image_embeds.shape[0]:
-                raise ValueError(f"{int(mask.sum())} image placeholders for {image_embeds.shape[0]} image embeddings")
-            x[mask] = image_embeds.to(x.dtype)
+            x[ids == inputs.image_token_id] = image_embeds.to(x.dtype)
         positions = torch.from_numpy(inputs.position_ids).to(self.device)[:, None]  # (3, 1, L)
         hidden = self.model(x[None], positions, cache)
         return self._logits(hidden[:, -1])

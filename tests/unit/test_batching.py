@@ -29,6 +29,7 @@ class ScriptedEngine:
         self.slots: Slots[SlotState] = Slots(max_batch)
         self.max_batch, self.lengths, self.added, self.steps = max_batch, lengths, 0, 0
         self._script: dict[int, list[int]] = {}
+        self.groups: list[int] = []                      # sizes of the add_many calls
 
     @property
     def active(self) -> list[int]:
@@ -44,6 +45,10 @@ class ScriptedEngine:
         self.added += 1
         self._script[slot] = [100 * k + 10 + i for i in range(self.lengths[k % len(self.lengths)])] + [DS_EOS]
         return slot
+
+    def add_many(self, requests: list[tuple[Any, Any, Any]]) -> list[int]:
+        self.groups.append(len(requests))
+        return [self.add(*request) for request in requests]
 
     def step(self) -> list[StepToken]:
         self.steps += 1
@@ -98,6 +103,7 @@ def test_map_yields_in_input_order_though_short_answers_finish_first(settings: A
     assert all(r.finish_reason == "stop" for r in results)
     engine = models[0].engines[0]
     assert engine.max_batch == 2 and engine.added == 5
+    assert engine.groups[0] == 2                          # the first two admitted together (one vision pass)
     assert engine.steps < 7 + 2 + 4 + 3 + 6               # rows decoded together, not one after another
 
 
