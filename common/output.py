@@ -4,8 +4,9 @@ In grounding mode the model writes `<|ref|>label<|/ref|><|det|>[[x1, y1, x2, y2]
 block (label = block type such as `title`, `text`, `table`, `image`, or the phrase asked for with "Locate").
 Coordinates are normalised to 0..999; the official demo scripts (`run_dpsk_ocr_*.py` `re_match`,
 `draw_bounding_boxes`) map them to pixels as `int(v / 999 * size)`, drop non-image references from the Markdown,
-turn `image` references into image links, and rewrite two LaTeX macros Markdown renderers lack. We parse the
-coordinates with a regular expression instead of `eval` (the text comes from a document, so it is untrusted).
+turn `image` references into image links, and rewrite two LaTeX macros Markdown renderers lack. The markup is
+read by `common.grounding.parse` (never `eval`: the text comes from a document, so it is untrusted), which
+keeps every word of a malformed answer.
 """
 from __future__ import annotations
 
@@ -15,16 +16,13 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
-COORD_SCALE = 999  # the model's coordinates run 0..999 on both axes
-EOS_TEXT = "<｜end▁of▁sentence｜>"
+from .grounding import COORD_SCALE, EOS_TEXT, Block, Box, parse, to_pixels
 
-_REF = re.compile(r"<\|ref\|>(.*?)<\|/ref\|><\|det\|>(.*?)<\|/det\|>", re.DOTALL)
-_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_BOX = re.compile(r"\[" + ",".join([_NUM] * 4) + r"\]")
+__all__ = ["COORD_SCALE", "EOS_TEXT", "GroundedRef", "clean_markdown", "crop_refs", "draw_refs",
+           "parse_grounding", "strip_grounding", "to_pixels"]
+
 # Official demo post-processing: macros that common Markdown math renderers do not know.
 _LATEX_FIXES = (("\\coloneqq", ":="), ("\\eqqcolon", "=:"))
-
-Box = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -46,22 +44,9 @@ class GroundedRef:
 
 
 def parse_grounding(text: str) -> list[GroundedRef]:
-    """Every grounding reference in `text`, in order. Malformed coordinate lists give a reference without boxes."""
-    refs = []
-    for match in _REF.finditer(text):
-        boxes = tuple(tuple(int(float(v)) for v in numbers) for numbers in _BOX.findall(match.group(2)))
-        refs.append(GroundedRef(match.group(1).strip(), boxes, match.start(), match.end()))  # type: ignore[arg-type]
-    return refs
-
-
-def to_pixels(box: Box, width: int, height: int) -> Box:
-    """A normalised box in pixel coordinates of a `width` x `height` image, clamped to the image."""
-    x1, y1, x2, y2 = box
-
-    def scale(v: int, size: int) -> int:
-        return min(max(int(v / COORD_SCALE * size), 0), size)
-
-    return scale(x1, width), scale(y1, height), scale(x2, width), scale(y2, height)
+    """Every grounding reference in `text`, in order (`common.grounding.parse`: malformed markup never raises;
+    unreadable coordinates give a reference without boxes)."""
+    return [GroundedRef(b.label, tuple(b.boxes), b.start, b.end) for b in parse(text).blocks]
 
 
 def strip_grounding(text: str, *, image_link: Callable[[int], str] | None = None, keep_labels: bool = False) -> str:
@@ -71,15 +56,16 @@ def strip_grounding(text: str, *, image_link: Callable[[int], str] | None = None
     removed). Other references are removed; with `keep_labels` their label text stays (useful for "Locate <|ref|>
     phrase<|/ref|>" answers, where the label is the content).
     """
-    counter = iter(range(1 << 30))
-
-    def replace(match: re.Match[str]) -> str:
-        label = match.group(1).strip()
-        if label == "image":
-            return image_link(next(counter)) if image_link else ""
-        return match.group(1) if keep_labels else ""
-
-    return _REF.sub(replace, text)
+    out, images = [], 0
+    for piece in parse(text).pieces:
+        if not isinstance(piece, Block):
+            out.append(piece)
+        elif piece.label == "image":
+            out.append(image_link(images) if image_link else "")
+            images += 1
+        elif keep_labels:
+            out.append(piece.label)
+    return "".join(out)
 
 
 def clean_markdown(text: str, *, image_link: Callable[[int], str] | None = None) -> str:
