@@ -312,12 +312,13 @@ def build_inputs(prompt: str, images: Sequence[Image.Image], tokenizer: TextEnco
                              image_token_id=image_token_id)
 
 
-def task_prompt(task: str) -> str:
-    """The prompt text of a named task (`TASKS`); an unknown name is a `UserError` listing the known ones."""
+def task_prompt(task: str, tasks: Mapping[str, str] = TASKS, model: str = "PaddleOCR-VL") -> str:
+    """The prompt text of a named task (`tasks`, v1's by default); an unknown name is a `UserError` listing the
+    known ones."""
     try:
-        return TASKS[task]
+        return tasks[task]
     except KeyError:
-        raise UserError(f"unknown PaddleOCR-VL task {task!r}; choose one of {', '.join(TASKS)}",
+        raise UserError(f"unknown {model} task {task!r}; choose one of {', '.join(tasks)}",
                         param="task") from None
 
 

@@ -43,3 +43,15 @@ def deepseek_tiny() -> Path:
 def paddle_tiny() -> Path:
     """Directory of a tiny PaddleOCR-VL snapshot (real names, stand-in tokenizer with real special ids)."""
     return _build_cached("paddleocr-vl", "ckpt_paddleocr_vl.py")
+
+
+@pytest.fixture(scope="session")
+def paddle15_tiny() -> Path:
+    """Directory of a tiny PaddleOCR-VL 1.5 snapshot (v1's with the 1.5 preprocessor config and template)."""
+    return _build_cached("paddleocr-vl-1.5", "ckpt_paddleocr_vl_1_5.py")
+
+
+@pytest.fixture(scope="session")
+def glm_tiny() -> Path:
+    """Directory of a tiny GLM-OCR snapshot (real names, stand-in tokenizer with real special ids)."""
+    return _build_cached("glm-ocr", "ckpt_glm_ocr.py")

@@ -8,13 +8,14 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..errors import UnknownModelError, UserError
-from . import deepseek_ocr, paddleocr_vl
+from . import deepseek_ocr, deepseek_ocr2, paddleocr_vl, paddleocr_vl_1_5
 from .family import SIDE_FILES, ModelFamily, ModelOption, ModelSpec, read_json
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelOption", "ModelSpec", "SIDE_FILES", "check_family_options",
-           "family_ids", "family_of_model_type", "get_family", "model_options", "option_owner", "read_json"]
+           "family_ids", "family_of_config", "family_of_model_type", "get_family", "model_options", "option_owner", "read_json"]
 
-FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (deepseek_ocr.FAMILY, paddleocr_vl.FAMILY)}
+FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (
+    deepseek_ocr.FAMILY, paddleocr_vl.FAMILY, paddleocr_vl_1_5.FAMILY, deepseek_ocr2.FAMILY)}
 
 
 def family_ids() -> tuple[str, ...]:
@@ -31,8 +32,15 @@ def get_family(model_id: str) -> ModelFamily:
 
 
 def family_of_model_type(model_type: str) -> ModelFamily | None:
-    """The family whose config.json `model_type` this is, or None."""
+    """The first family whose config.json `model_type` this is, or None (see `family_of_config`)."""
     return next((f for f in FAMILIES.values() if f.matches_model_type(model_type)), None)
+
+
+def family_of_config(config: Mapping[str, Any]) -> ModelFamily | None:
+    """The family of a parsed config.json: its `model_type`, then `matches_config` where families share one."""
+    model_type = str(config.get("model_type", ""))
+    return next((f for f in FAMILIES.values() if f.matches_model_type(model_type) and f.matches_config(config)),
+                None)
 
 
 def option_owner(name: str) -> ModelFamily | None:
@@ -41,8 +49,15 @@ def option_owner(name: str) -> ModelFamily | None:
 
 
 def model_options() -> tuple[ModelOption, ...]:
-    """Every family's own options, registry order."""
-    return tuple(option for family in FAMILIES.values() for option in family.options)
+    """Every family's own options, registry order; an option several families share (`task`) appears once, with
+    the union of their choices and presets (each family still refuses a choice it does not have)."""
+    merged: dict[str, ModelOption] = {}
+    for option in (option for family in FAMILIES.values() for option in family.options):
+        seen = merged.get(option.name)
+        merged[option.name] = option if seen is None else ModelOption(
+            option.name, tuple(dict.fromkeys((*seen.choices, *option.choices))),
+            {**option.presets, **seen.presets})
+    return tuple(merged.values())
 
 
 def check_family_options(model_id: str, given: Mapping[str, Any], *, flag: Callable[[str], str] | None = None,
@@ -54,7 +69,8 @@ def check_family_options(model_id: str, given: Mapping[str, Any], *, flag: Calla
     """
     for name, value in given.items():
         owner = option_owner(name)
-        if value is None or owner is None or owner.id == model_id:
+        own = FAMILIES.get(model_id)
+        if value is None or owner is None or (own is not None and name in own.option_names):
             continue
         spelled = flag(name) if flag is not None else name
         extra = f"; {hint(owner)}" if hint is not None else ""

@@ -35,7 +35,9 @@ class PaddleOCRVL(ModelFamily):
     module = "paddleocr_vl"
     checkpoint_builder = "scripts.ckpt_paddleocr_vl"
     model_types = ("paddleocr_vl",)
-    options = (ModelOption("task", tuple(paddleocr_vl.TASKS)),)
+    #: Task name -> prompt text (`task`); PaddleOCR-VL 1.5 has two more.
+    tasks: Mapping[str, str] = paddleocr_vl.TASKS
+    options = (ModelOption("task", tuple(tasks)),)
     #: The OCR task's prompt; the template puts the images before it.
     default_prompt = "OCR:"
     placeholders_required = False
@@ -63,7 +65,9 @@ class PaddleOCRVL(ModelFamily):
 
     def render_prompt(self, prompt: str, settings: Any) -> str:
         text = paddle_prompt_text(prompt)
-        return with_task(text, paddleocr_vl.task_prompt(settings.task)) if settings.task else text
+        if not settings.task:
+            return text
+        return with_task(text, paddleocr_vl.task_prompt(settings.task, self.tasks, self.display_name))
 
     def prepare(self, prompt: str, images: Sequence[Image.Image], encoder: Encoder, settings: Any,
                 extras: Mapping[str, Any]) -> PromptInputs:

@@ -25,11 +25,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # ------------------------------------------------------------------------------------------------ registry
 def test_registry_lists_both_families_in_order() -> None:
-    assert family_ids() == ("deepseek-ocr", "paddleocr-vl")
+    ids = family_ids()
+    assert ids[:2] == ("deepseek-ocr", "paddleocr-vl") and len(set(ids)) == len(ids)
+    assert "paddleocr-vl-1.5" in ids
     for model_id, family in FAMILIES.items():
         assert family.id == family.spec.model_id == model_id
         assert family.display_name and family.default_prompt
-    with pytest.raises(UnknownModelError, match="known: deepseek-ocr, paddleocr-vl"):
+    with pytest.raises(UnknownModelError, match="known: deepseek-ocr, paddleocr-vl, "):
         get_family("gpt-9")
 
 
@@ -79,7 +81,8 @@ def test_user_prompts() -> None:
 def test_server_names_come_from_the_families() -> None:
     from server.routes import MODEL_NAMES
 
-    assert MODEL_NAMES == {"deepseek-ocr": "DeepSeek-OCR", "paddleocr-vl": "PaddleOCR-VL"}
+    assert MODEL_NAMES == {family.id: family.display_name for family in FAMILIES.values()}
+    assert MODEL_NAMES["deepseek-ocr"] == "DeepSeek-OCR" and MODEL_NAMES["paddleocr-vl"] == "PaddleOCR-VL"
 
 
 # ------------------------------------------------------------------------------------------------ precedence
