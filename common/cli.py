@@ -23,11 +23,22 @@ HELP = """\
 deepseek-ocr-cli: read text from document images with DeepSeek-OCR or PaddleOCR-VL, locally.
 
 Usage:
-  deepseek-ocr-cli --image PAGE [--prompt TEXT] [options]
+  deepseek-ocr-cli FILE|FOLDER|PDF... [--output-dir DIR] [options]
+      documents: every file, folder entry, PDF page and TIFF frame is read on its own, ONE ANSWER PER PAGE
+  deepseek-ocr-cli --image PAGE [--image PAGE2 ...] [--prompt TEXT] [options]
+      one request: ONE ANSWER for all its images, the prompt has one <image> per --image
+  deepseek-ocr-cli render RAW.txt --image PAGE [--output-dir DIR] [--format text|json] [--label text]
+      the post-processing of a run (Markdown, blocks, annotated page, figures) on model text made elsewhere
   deepseek-ocr-cli convert --quantize 4|8 --output DIR [--model ID | --model-dir DIR] [--group-size 64] [--vision]
       write a pre-quantized MLX snapshot (for 8-16 GB Macs); run it later with --model-dir DIR --backend mlx
 
 Examples:
+  deepseek-ocr-cli scans/*.png report.pdf --output-dir out
+      each page its own answer, written to out/<document>/ as it finishes (see Output)
+  deepseek-ocr-cli scans/ --recursive --format jsonl > pages.jsonl
+      every image and PDF under scans/, sorted; one JSON line per page as it finishes
+  deepseek-ocr-cli scans/ --output-dir out --resume
+      after Ctrl-C or a crash: finished pages are skipped, the rest is read
   deepseek-ocr-cli --image page.png
       Markdown of the page with layout boxes (the default DeepSeek-OCR prompt,
       "<image>\\n<|grounding|>Convert the document to markdown.").
@@ -43,14 +54,23 @@ Examples:
   deepseek-ocr-cli --image page.png --format json --logprobs 5 --max-new-tokens 64
   deepseek-ocr-cli --image page.png --bench --ignore-eos --max-new-tokens 256
 
-Input:
+Input (documents, each page its own answer):
+  FILE|FOLDER|URL ...   images (PNG, JPEG, WebP, BMP, GIF, TIFF: every frame a page), PDFs, folders (their images
+                        and PDFs, sorted by name), shell globs; all share one prompt with one <image> (the page).
+                        A name starting with -- goes after a lone --
+  --recursive           folders: also read their subfolders
+  --batch-size N        pages decoded together (default: what the KV cache lets fit in half the free memory,
+                        at most 8 on a GPU, 4 on a CPU); 1 streams each answer token by token
+Input (one request, one answer):
   --image PATH|URL      an image file or an http(s) URL; repeat once per <image> placeholder, in order
+                        (several --image need --prompt with as many <image>; a lone --image that is a PDF,
+                        or with --output-dir/--format jsonl, is read as a document)
   --prompt TEXT         the prompt; <image> marks where each image goes; "\\n" is a newline
   --prompt-file PATH    read the prompt from a file (verbatim)
   --pdf PATH|URL        a PDF: every selected page is read on its own, one request per page, all with the
                         same prompt (one <image>). An --image that is a PDF (by .pdf name or content) does the
                         same; a PDF comes alone, without other images
-  --pages LIST          PDF pages to read, 1-based, e.g. 1-3,5 or 4- (to the end); default: all
+  --pages LIST          PDF/TIFF pages to read, 1-based, e.g. 1-3,5 or 4- (to the end); default: all
   --dpi N               PDF render resolution, 18 to 1200 (144, as the official DeepSeek-OCR PDF script)
                         Default prompt with images: DeepSeek-OCR "<image>\\n<|grounding|>Convert the document to
                         markdown.", PaddleOCR-VL "OCR:".
@@ -81,21 +101,33 @@ Generation:
   --use-cache B         false recomputes the whole sequence per token (slow; for checks)
   --do-sample B         false: greedy (official); true: sample with the options below
   --temperature X  --top-p X  --top-k N  --repetition-penalty X  --seed N
+                        (temperature, top-p and top-k need --do-sample true: without it, a warning line)
   --no-repeat-ngram-size N   ban repeating any N-gram (DeepSeek-OCR default 20; 0 = off)
   --ignore-eos          keep generating past end-of-text, up to --max-new-tokens (benchmarks)
 
 Output:
   --format F            text (default): the answer streams to stdout, statistics go to stderr
-                        json: one JSON object (text, token_ids, usage, timings_ms, ...) on stdout
-                        A PDF in text mode: each page's answer after a "<!-- page N -->" line (a blank line
-                        between pages); a page bar on stderr unless the answer streams to a terminal
-                        (TQDM_DISABLE=1 hides it). In json mode: {"page_count": pages in the document,
-                        "pages": [{"page": N, ...the fields of one answer...}, ...]}
+                        json: one JSON object (text, token_ids, usage, timings_ms, ...) on stdout; for
+                        documents {"input", "page_count", "pages": [...], "failed", "flagged"} (several
+                        documents: {"documents": [...], ...}), printed with the finished pages even on Ctrl-C
+                        jsonl: one JSON object per page as it finishes (a failed page: {"input","page","error"})
+                        A document's page objects hold text, markdown, blocks [{label, text, box: [x1, y1, x2,
+                        y2] in page pixels}], finish_reason and looped (the answer ends in a repetition loop)
+  --output-dir DIR      per document DIR/<name>/: page-0001.txt (raw), .md (figures linked), .json (blocks and
+                        counts), .annotated.jpg (boxes drawn), images/ (figure crops), result.md, result.json.
+                        Each file is written whole as its page finishes; existing results are never replaced
+  --resume              skip pages an earlier run finished (same input bytes and settings); rerun the rest
+  --overwrite           replace existing results in DIR
+                        Pages that hit --max-new-tokens (finish "length") or looped are named in the summary;
+                        a page that cannot be read is reported, the others go on, and the run exits 2
+                        Documents in text mode: each page's answer after a "<!-- page N -->" line (several
+                        documents: "<!-- NAME page N -->"); a bar with pages and pages/minute on stderr unless
+                        the answer streams to a terminal (TQDM_DISABLE=1 hides it)
   --logprobs N          with --format json: the N most likely tokens per generated token (raw log-probabilities)
   --clean               strip grounding boxes: print clean Markdown (json: adds "markdown" and "grounding")
   --bench               after the answer, print per-stage timings and tokens/s to stderr
 
-Booleans accept true/false (also yes/no, 1/0); a bare flag means true. Options use dashes; underscores work too.
+--version prints the version. Booleans accept true/false (also yes/no, 1/0); a bare flag means true. Options use dashes; underscores work too.
 Errors print one line and exit with status 2 (your input) or 1 (internal; DEEPSEEK_OCR_DEBUG=1 shows the trace).
 """
 
@@ -121,18 +153,31 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
         seed: str | None = None, repetition_guard: str | None = None, quantize: str | None = None,
         quantize_group_size: str | None = None, ignore_eos: str | bool = False,
         logprobs: str | int = 0, format: str = "text", bench: str | bool = False,
-        clean: str | bool = False) -> None:
-    """OCR images with a local model (see `deepseek-ocr-cli --help`). Values arrive as the strings typed."""
+        clean: str | bool = False, inputs: Sequence[str] = (), output_dir: str | None = None,
+        resume: str | bool = False, overwrite: str | bool = False, recursive: str | bool = False,
+        batch_size: str | None = None) -> None:
+    """OCR images with a local model (see `deepseek-ocr-cli --help`). Values arrive as the strings typed.
+
+    Two ways in, never mixed: `inputs` (bare arguments: files, folders, globs, PDFs) are documents, every page
+    its own answer; `image` (`--image`, repeatable) is ONE request whose prompt has an `<image>` per image."""
     from .config import _flag as flag_name, load_settings  # noqa: PLC0415 - keeps `--help` instant
     from .errors import UserError  # noqa: PLC0415
     from .models import check_family_options, get_family, model_options  # noqa: PLC0415
     from .pipeline import Pipeline, Request  # noqa: PLC0415
 
-    out_format = _choice("format", format, ("text", "json"))
+    out_format = _choice("format", format, ("text", "json", "jsonl"))
     want_bench, want_clean = _bool("bench", bench), _bool("clean", clean)
     n_logprobs = _int("logprobs", logprobs, low=0)
-    if n_logprobs and out_format != "json":
+    if n_logprobs and out_format == "text":
         raise UserError("--logprobs needs --format json")
+    from .cli_documents import RunOptions, documents_named, ocr_documents  # noqa: PLC0415
+
+    run_options = RunOptions(output_dir=Path(output_dir).expanduser() if output_dir else None,
+                              resume=_bool("resume", resume), overwrite=_bool("overwrite", overwrite),
+                              recursive=_bool("recursive", recursive),
+                              batch_size=None if batch_size is None else _int("batch-size", batch_size, low=1),
+                              out_format=out_format, clean=want_clean, bench=want_bench)
+    inputs = documents_named(list(inputs), list(image), pdf, run_options)
     flags = {"model": model, "model_dir": model_dir, "model_config": model_config, "tokenizer": tokenizer,
              "weights": weights, "backend": backend, "device": device, "dtype": dtype, "template": template,
              "base_size": base_size, "image_size": image_size, "crop_mode": crop_mode, "mode": mode, "task": task,
@@ -146,28 +191,31 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
     family_flags = {option.name: flags.get(option.name) for option in model_options()}
     check_family_options(model_id, family_flags, flag=flag_name, hint=lambda owner: f"add --model {owner.id}")
 
-    inputs = [_read_input(source) for source in image]
-    document = _pdf_document(pdf, image, inputs)
-    if document is None and (pages is not None or dpi is not None):
+    if inputs:
+        text = _prompt_text(prompt, prompt_file)
+        if text is not None and text.count("<image>") > 1:
+            raise UserError("each page is read on its own: the prompt takes one <image> (the page); several "
+                            "images in ONE prompt are given with --image, once per <image>")
+        text = family.user_prompt(text, 1, family_flags)
+        overrides = {"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs}
+        ocr_documents(settings, inputs, text, overrides, pages, dpi, family_flags.get("task"), run_options)
+        return
+    if len(image) > 1 and prompt is None and prompt_file is None:
+        raise UserError(f"{len(image)} --image go into ONE prompt (one <image> each): give that prompt with "
+                        "--prompt; to read each file on its own, list them without --image: "
+                        "deepseek-ocr-cli a.png b.png")
+    if pages is not None or dpi is not None:
         raise UserError("--pages and --dpi are PDF options: add --pdf FILE (or an --image that is a PDF)")
-    n_images = 1 if document is not None else len(image)  # a PDF is read one page per request
-
     text = _prompt_text(prompt, prompt_file)
-    if text is None and not n_images:
-        raise UserError("nothing to do: give --image, --pdf, --prompt or --prompt-file (see --help)")
-    if document is not None and text is not None and text.count("<image>") > 1:
-        raise UserError("a PDF is read one page per request: the prompt takes one <image> (the page)")
-    text = family.user_prompt(text, n_images, family_flags)
-
+    if text is None and not image:
+        raise UserError("nothing to do: give files to read, --image, --pdf, --prompt or --prompt-file (see --help)")
+    text = family.user_prompt(text, len(image), family_flags)
+    sources = [_read_input(source) for source in image]
     pipeline = Pipeline(settings, max_resident=1)
     overrides = {"ignore_eos": _bool("ignore-eos", ignore_eos), "logprobs": n_logprobs}
-    if document is not None:
-        _ocr_pdf(pipeline, Request(prompt=text, model=model_id, overrides=overrides), document, pages, dpi,
-                 out_format, want_clean, want_bench)
-        return
     from .images import open_image  # noqa: PLC0415
 
-    images = [open_image(source) for source in inputs]
+    images = [open_image(source) for source in sources]
     request = Request(prompt=text, images=images, model=model_id, overrides=overrides)
     started = time.perf_counter()
     result = _print_answer(pipeline, request, out_format, want_clean, images)
@@ -183,7 +231,7 @@ def ocr(prompt: str | None = None, prompt_file: str | None = None, image: Sequen
 def _print_answer(pipeline: Any, request: Any, out_format: str, clean: bool, images: list) -> Any:
     """Stream (text mode, unless --clean needs the whole answer) or collect and print one JSON object."""
     result = _answer(pipeline, request, out_format, clean)
-    if out_format == "json":
+    if out_format != "text":  # one answer: jsonl is the same object on its one line
         json.dump(_as_json(result, clean, images), sys.stdout, ensure_ascii=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -210,46 +258,6 @@ def _answer(pipeline: Any, request: Any, out_format: str, clean: bool) -> Any:
         sys.stdout.write(_clean(result.text) + "\n")
     sys.stdout.flush()
     return result
-
-
-def _ocr_pdf(pipeline: Any, request: Any, document: tuple[str, Any], pages: str | None, dpi: str | None,
-             out_format: str, clean: bool, bench: bool) -> None:
-    """Every selected page of a PDF through the pipeline with `request`'s prompt, one page at a time (one
-    image in memory): text mode prints `<!-- page N -->` before each answer, json mode one object at the end."""
-    import dataclasses  # noqa: PLC0415
-
-    from .pdf import DEFAULT_DPI, iter_pages  # noqa: PLC0415
-
-    name, source = document
-    resolution = DEFAULT_DPI if dpi is None else _dpi(dpi)
-    # A bar on the terminal the answer streams to would be cut through by the text.
-    progress = out_format == "json" or not sys.stdout.isatty()
-    started = time.perf_counter()
-    pages_out: list[dict[str, Any]] = []
-    results = []
-    with iter_pages(source, pages, resolution, progress=progress, label=Path(name).name or "pages") as reader:
-        for number, image in reader:
-            if out_format == "text":
-                sys.stdout.write(("\n" if results else "") + f"<!-- page {number} -->\n\n")
-            result = _answer(pipeline, dataclasses.replace(request, images=[image]), out_format, clean)
-            results.append(result)
-            if out_format == "json":
-                pages_out.append({"page": number, **_as_json(result, clean, [image])})
-        page_count = reader.page_count
-    wall_s = time.perf_counter() - started
-    if out_format == "json":
-        json.dump({"page_count": page_count, "pages": pages_out}, sys.stdout, ensure_ascii=False)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-    total = _summed(results)
-    if out_format == "text":
-        finishes = ", ".join(f"{sum(r.finish_reason == f for r in results)} {f}"
-                             for f in sorted({r.finish_reason for r in results}))
-        print(f"[{total.model} {total.backend}/{total.device}/{total.dtype}] {len(results)} page(s) of "
-              f"{page_count}: {total.prompt_tokens} prompt + {total.completion_tokens} generated tokens, "
-              f"finish: {finishes}, {wall_s:.2f} s", file=sys.stderr)
-    if bench:
-        print(_bench_table(total, pages=len(results)), file=sys.stderr)
 
 
 def _summed(results: list[Any]) -> Any:
@@ -376,23 +384,6 @@ def _read_input(source: str) -> bytes | Path:
     return Path(source).expanduser()
 
 
-def _pdf_document(pdf: str | None, names: Sequence[str], inputs: list[bytes | Path]) -> tuple[str, Any] | None:
-    """(name, bytes or path) of the PDF to read page by page, or None when there is none; a PDF comes alone."""
-    from .pdf import is_pdf, is_pdf_file  # noqa: PLC0415
-
-    if pdf is not None:
-        if names:
-            raise _user_error("give --pdf or --image, not both: a PDF's pages are read one per request")
-        return pdf, _read_input(pdf)
-    for name, source in zip(names, inputs, strict=True):
-        if is_pdf(source) if isinstance(source, bytes) else is_pdf_file(source):
-            if len(names) > 1:
-                raise _user_error(f"--image {name} is a PDF: give it alone (each page is read on its own, "
-                                  "with the same prompt)")
-            return name, source
-    return None
-
-
 def _fetch(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_BYTES) -> bytes:
     """GET an image URL with a total deadline and a size cap; failures are one-line `ImageError`s."""
     import httpx  # noqa: PLC0415
@@ -451,24 +442,49 @@ def convert(output: str | None = None, quantize: str | None = None, group_size: 
           f"{sizes['after'] / 2**30:.2f} GiB; run it with --model-dir {target} --backend mlx", file=sys.stderr)
 
 
+def render(text_file: Sequence[str] = (), image: Sequence[str] = (), output_dir: str | None = None,
+           format: str = "text", overwrite: str | bool = False, page: str = "1", label: str = "text") -> None:
+    """`deepseek-ocr-cli render RAW.txt --image PAGE [--output-dir DIR]`: the post-processing of a run (Markdown,
+    blocks in page pixels, annotated page, figure crops) on model text produced elsewhere; no model loads."""
+    from .cli_documents import render as render_page  # noqa: PLC0415
+    from .errors import UserError  # noqa: PLC0415
+
+    if len(text_file) != 1 or len(image) != 1:
+        raise UserError("render needs one model text file and one --image (the page it was read from): "
+                        "deepseek-ocr-cli render RAW.txt --image PAGE [--output-dir DIR]")
+    render_page(text_file[0], image[0], output_dir, _choice("format", format, ("text", "json")),
+                _bool("overwrite", overwrite), _int("page", page, low=1), label)
+
+
 # ----------------------------------------------------------------------------------------------- argv
 _PARAMS = tuple(inspect.signature(ocr).parameters)
 _CONVERT_PARAMS = tuple(inspect.signature(convert).parameters)
-_BARE_TRUE = ("bench", "ignore_eos", "clean", "crop_mode", "use_cache", "do_sample", "repetition_guard", "vision")
+_RENDER_PARAMS = tuple(inspect.signature(render).parameters)
+_BARE_TRUE = ("bench", "ignore_eos", "clean", "crop_mode", "use_cache", "do_sample", "repetition_guard", "vision",
+              "resume", "overwrite", "recursive")
 
 
-def normalize_argv(argv: Sequence[str], params: Sequence[str] = _PARAMS) -> list[str]:
+def normalize_argv(argv: Sequence[str], params: Sequence[str] = _PARAMS, positional: str | None = "inputs"
+                   ) -> list[str]:
     """Rewrite the user's argv into Fire arguments that keep every value a string (`--key='value'`), gather
-    the repeated `--image`, and refuse unknown options and stray words with one clear line."""
+    the repeated `--image` and the bare arguments (into `positional`; None: refused), and refuse unknown options
+    with one clear line. After `--` every word is a bare argument (a file named like an option)."""
     values: dict[str, Any] = {}
     images: list[str] = []
+    bare: list[str] = []
     args = list(argv)
     index = 0
     while index < len(args):
         arg = args[index]
         index += 1
+        if arg == "--":
+            bare += args[index:]
+            break
         if not arg.startswith("--") or arg == "--":
-            raise _user_error(f"unexpected argument {arg!r}; every option starts with -- (see --help)")
+            if positional is None:
+                raise _user_error(f"unexpected argument {arg!r}; every option starts with -- (see --help)")
+            bare.append(arg)
+            continue
         name, has_value, value = arg[2:].partition("=")
         key = name.replace("-", "_")
         if key not in params:
@@ -489,6 +505,8 @@ def normalize_argv(argv: Sequence[str], params: Sequence[str] = _PARAMS) -> list
     fire_args = [f"--{key}={value!r}" for key, value in values.items()]
     if images:
         fire_args.append(f"--image={images!r}")
+    if bare:
+        fire_args.append(f"--{positional}={bare!r}")
     return fire_args
 
 
@@ -496,7 +514,11 @@ def _run(argv: Sequence[str]) -> None:
     import fire  # noqa: PLC0415
 
     if argv and argv[0] == "convert":
-        fire.Fire(convert, command=normalize_argv(argv[1:], _CONVERT_PARAMS), name="deepseek-ocr-cli convert")
+        fire.Fire(convert, command=normalize_argv(argv[1:], _CONVERT_PARAMS, None), name="deepseek-ocr-cli convert")
+        return
+    if argv and argv[0] == "render":
+        fire.Fire(render, command=normalize_argv(argv[1:], _RENDER_PARAMS, "text_file"),
+                  name="deepseek-ocr-cli render")
         return
     fire.Fire(ocr, command=normalize_argv(argv), name="deepseek-ocr-cli")
 
@@ -510,6 +532,9 @@ def main(argv: Sequence[str] | None = None, *, stderr: TextIO | None = None) -> 
                         format="%(levelname)s: %(message)s")
     if any(a in ("--help", "-h", "-help") for a in argv) or argv == ["help"]:
         sys.stdout.write(HELP)
+        return 0
+    if "--version" in argv:
+        print(f"deepseek-ocr-cli {package_version()}")
         return 0
     from .errors import UserError  # noqa: PLC0415
 
@@ -532,6 +557,16 @@ def main(argv: Sequence[str] | None = None, *, stderr: TextIO | None = None) -> 
         print(f"error: internal error: {type(exc).__name__}: {_one_line(str(exc))} "
               f"(set {DEBUG_ENV}=1 for the traceback)", file=err)
         return EXIT_INTERNAL
+
+
+def package_version() -> str:
+    """The installed package's version (pyproject.toml), or "unknown" when it runs from a bare checkout."""
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("deepseek-ocr")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _one_line(text: str) -> str:

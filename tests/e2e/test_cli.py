@@ -33,6 +33,7 @@ def run(tmp_path: Path):
     env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "xdg-config"),
                XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     config = tmp_path / "config.toml"
+    config.touch()  # --config must name an existing file; tests may write it
 
     def _run(*args: str, debug: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         extra = {"DEEPSEEK_OCR_DEBUG": "1"} if debug else {}
@@ -186,7 +187,9 @@ def test_help_teaches(run) -> None:
     (("--image", "{page}", "--format", "xml"), "--format"),
     (("--image", "{page}", "--dtype", "int3"), "--dtype"),
     (("--image", "{page}", "--frobnicate", "1"), "unknown option --frobnicate"),
-    (("page.png",), "unexpected argument"),
+    (("page.png",), "page.png not found"),  # a bare word is a document to read
+    (("{page}", "--image", "{page}"), "or --image (one prompt over all its images), not both"),
+    (("--image", "{page}", "--image", "{page}"), "go into ONE prompt"),
     (("--prompt", "x", "--logprobs", "2"), "--format json"),
     (("--image", "{page}", "--task", "table"), "PaddleOCR-VL"),
     (("--image", "{page}", "--base-size", "640"), "give --mode or --base-size, not both"),  # FAST has --mode
