@@ -123,7 +123,8 @@ def batched(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
     (equal lengths, so no padding is involved)."""
     if rows == 1:
         return kwargs
-    return {"input_ids": kwargs["input_ids"].repeat(rows, 1), "attention_mask": kwargs["attention_mask"].repeat(rows, 1),
+    return {"input_ids": kwargs["input_ids"].repeat(rows, 1),
+            "attention_mask": kwargs["attention_mask"].repeat(rows, 1),
             "pixel_values": kwargs["pixel_values"].repeat(rows, 1, 1, 1),
             "image_grid_thw": kwargs["image_grid_thw"].repeat(rows, 1)}
 
