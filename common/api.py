@@ -13,6 +13,8 @@ Usage:
     ocr(["a.png", "b.png"], prompt="<image> <image>\\nCompare the two pages.")
     for piece in ocr.stream("page.png", prompt="<image>\\nFree OCR."):
         print(piece, end="", flush=True)
+    for result in ocr.map(["a.png", "b.png", "c.png"], batch_size=4):   # each its own answer, in order
+        print(result.text)
     pages = ocr.pdf("doc.pdf", pages="1-3")                  # one Result per page, needs the `pdf` extra
 
 Errors you can fix (unknown option, bad value, unreadable image, prompt/image mismatch) raise
@@ -23,11 +25,12 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence, Union
 
 from PIL import Image
 
-from .config import INFERENCE_RULES, InvalidValue, Settings, check_value, load_settings
+from .config import (INFERENCE_RULES, InvalidValue, Settings, check_value, keyword_spelling, load_settings,
+                     warn_ignored_sampling)
 from .errors import UserError
 from .images import open_image
 from .pdf import DEFAULT_DPI, PageReader, PdfSource, is_pdf, is_pdf_file, iter_pages
@@ -72,7 +75,9 @@ class OCR:
         for key in ("model_dir", *FILE_KEYS):
             if flags.get(key) is not None:
                 flags[key] = os.fspath(flags[key])
-        self.settings: Settings = load_settings(Path(config) if config is not None else None, flags)
+        # Messages name keyword arguments (model_dir=...), not command-line flags.
+        self.settings: Settings = load_settings(Path(config) if config is not None else None, flags,
+                                                spell=keyword_spelling)
         self.model: str = self.settings.active_model
         self.family = get_family(self.model)
         _check_model_options(self.model, defaults)
@@ -113,6 +118,39 @@ class OCR:
                     yield event.text
             else:
                 self._remember(event)
+
+    def map(self, inputs: Iterable[ImageInput], batch_size: int = 1, *, prompt: str | None = None,
+            return_errors: bool = False, **overrides: Any) -> Iterator[Result | UserError]:
+        """OCR many independent images, each its own answer: a generator of `Result`s in input order, each as
+        soon as it and every earlier one are done, `batch_size` decoded together (one vision pass for the
+        images admitted together). `inputs` is any iterable (pulled lazily: a generator of pages is read only
+        as the batch has room) of what `__call__` takes for one image, all with the same `prompt` (one
+        <image>; default: the model's). Options are checked before this returns.
+
+        An input that fails (unreadable image, a PDF, a prompt the model refuses) raises its `UserError` when
+        its turn comes, after the earlier results were yielded; with `return_errors=True` the error is yielded
+        in its place instead and the run goes on.
+        """
+        from .documents import map_in_order  # noqa: PLC0415
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError(f"batch_size must be an integer >= 1, got {batch_size!r}", param="batch_size")
+        text = self._prompt(prompt, 1, overrides)
+        request_overrides = self._overrides(overrides)
+
+        def request_for(source: ImageInput) -> Request:
+            return Request(text, [_load(source)], self.model, dict(request_overrides))
+
+        return self._mapped(map_in_order(self.pipeline, inputs, request_for, batch_size), return_errors)
+
+    def _mapped(self, outcomes: Iterator[tuple[Any, Any]], return_errors: bool) -> Iterator[Result | UserError]:
+        for _, outcome in outcomes:
+            if isinstance(outcome, UserError):
+                if not return_errors:
+                    raise outcome
+            else:
+                self._remember(outcome)
+            yield outcome
 
     def pdf(self, source: PdfSource, pages: str | None = None, *, dpi: int = DEFAULT_DPI,
             prompt: str | None = None, password: str | None = None, progress: bool = False,
@@ -171,8 +209,12 @@ class OCR:
         if unknown:
             known = ", ".join((*INFERENCE_RULES, *REQUEST_ONLY_KEYS))
             raise UserError(f"unknown option {unknown[0]!r} (known: {known})", param=unknown[0])
-        return {key: (_checked(key, value) if key in INFERENCE_RULES else value)
-                for key, value in overrides.items()}
+        checked = {key: (_checked(key, value) if key in INFERENCE_RULES else value)
+                   for key, value in overrides.items()}
+        # A call's temperature/top_p/top_k without sampling on: one warning line (the rule of every front end).
+        given = {key: value for key, value in checked.items() if key in INFERENCE_RULES}
+        warn_ignored_sampling(self.settings.inference.with_overrides(given), given)
+        return checked
 
     def _remember(self, result: Result) -> None:
         with self._lock:

@@ -21,7 +21,7 @@ import re
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from PIL import Image, ImageOps
 
@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 #: What a folder contributes: images and PDFs, by name (anything else is counted as skipped).
 DOCUMENT_SUFFIXES = (*IMAGE_SUFFIXES, ".pdf")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -255,20 +256,36 @@ def run_pages(pipeline: Any, jobs: Iterable[PageJob], request_for: Callable[[Pag
     if batch_size <= 1:
         yield from _run_streamed(pipeline, jobs, request_for, on_text)
         return
-    waiting: deque[PageJob] = deque()
+    yield from map_in_order(pipeline, jobs, lambda job: request_for(job) if job.needs_model else None, batch_size)
+
+
+def map_in_order(pipeline: Any, items: Iterable[T], request_for: Callable[[T], Any], batch_size: int
+                 ) -> Iterator[tuple[T, Any]]:
+    """(item, outcome) for every item in order, through `Pipeline.map`: `request_for(item)` gives its
+    `Request` (outcome: the `Result`, or the `UserError` its preparation raised), None (nothing to run: outcome
+    None), or raises a `UserError` (outcome: that error, e.g. an image that cannot be read). Items are pulled
+    lazily, as the batch has room."""
+    waiting: deque[tuple[T, Any, bool]] = deque()  # (item, outcome so far, sent to the model)
 
     def requests() -> Iterator[Any]:
-        for job in jobs:
-            waiting.append(job)
-            if job.needs_model:
-                yield request_for(job)
+        for item in items:
+            try:
+                request = request_for(item)
+            except UserError as error:
+                waiting.append((item, error, False))
+                continue
+            waiting.append((item, None, request is not None))
+            if request is not None:
+                yield request
 
     for result in pipeline.map(requests(), batch_size, return_errors=True):
-        while waiting and not waiting[0].needs_model:
-            yield waiting.popleft(), None
-        yield waiting.popleft(), result
+        while waiting and not waiting[0][2]:
+            item, outcome, _ = waiting.popleft()
+            yield item, outcome
+        yield waiting.popleft()[0], result
     while waiting:
-        yield waiting.popleft(), None
+        item, outcome, _ = waiting.popleft()
+        yield item, outcome
 
 
 def _run_streamed(pipeline: Any, jobs: Iterable[PageJob], request_for: Callable[[PageJob], Any],
