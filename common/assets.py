@@ -44,7 +44,8 @@ MANIFEST = ".verified.json"
 PROBE_TIMEOUT_S = 2.0
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 MS_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
-_LOCAL_FLAGS = "--model-dir, or --weights, --tokenizer and --model-config"
+#: The environment variables that choose the hubs or keep them off, named in every "cannot download" error.
+_HUB_ENV = ("HF_ENDPOINT or MODELSCOPE_ENDPOINT to use a mirror, HF_HUB_OFFLINE=1 to use cached files only")
 _NAMES = {"huggingface": "Hugging Face", "modelscope": "ModelScope"}
 
 
@@ -86,11 +87,13 @@ def resolve_model_files(
 
     `verify` hashes every cached file again instead of trusting unchanged size and mtime.
     Raises `UnknownModelError` for an unknown id and `ModelFilesError` when files are missing, corrupt or
-    cannot be downloaded (the message names the file or both hubs, and the flags that point at local files).
+    cannot be downloaded (the message names the file or both hubs, the hub environment variables, and the
+    settings that point at local files, spelled by `entry.spell`).
     """
     spec = get_model(model_id)
     if entry.is_local:
         return _resolve_local(spec, entry)
+    local = _local_settings(entry.spell)
     root = models_cache_dir() / spec.model_id
     manifest, stale = _check_manifest(root, spec, rehash=verify)
     if manifest is not None:
@@ -103,12 +106,17 @@ def resolve_model_files(
         missing = ", ".join(stale) or "all"
         raise ModelFilesError(
             f"{spec.model_id}: files missing or changed in {root} ({missing}) and HF_HUB_OFFLINE is set; "
-            f"unset it to download, or point at local files with {_LOCAL_FLAGS}"
+            f"unset it to download (or set HF_ENDPOINT / MODELSCOPE_ENDPOINT for a mirror), or point at local "
+            f"files with {local}"
         )
-    return _download(spec, root, progress=progress, log=log)
+    return _download(spec, root, progress=progress, log=log, local=local)
 
 
 # ------------------------------------------------------------------------------------------------ local paths
+def _local_settings(spell: Callable[..., str]) -> str:
+    return f"{spell('model_dir')}, or {spell('weights')}, {spell('tokenizer')} and {spell('model_config')}"
+
+
 def _other_weights(directory: Path) -> Path | None:
     """A folder's weights under another name than the hub's (a converted snapshot's `model.safetensors`, a
     re-sharded copy): its safetensors index, else its only safetensors file."""
@@ -121,18 +129,20 @@ def _other_weights(directory: Path) -> Path | None:
 
 def _resolve_local(spec: ModelSpec, entry: ModelEntry) -> ModelFiles:
     """Files from the user's paths; side files are looked up next to the tokenizer, the config and the weights."""
+    spell = entry.spell
     if entry.model_dir is not None and not entry.model_dir.is_dir():
-        raise ModelFilesError(f"{spec.model_id}: model folder not found: {entry.model_dir} (--model-dir)")
+        raise ModelFilesError(f"{spec.model_id}: model folder not found: {entry.model_dir} ({spell('model_dir')})")
     given = [p for p in (entry.model_dir, entry.weights, entry.config, entry.tokenizer) if p is not None]
     directory = entry.model_dir or given[0].parent
     paths = {}
-    for key, name, flag in (("config", spec.config, "--model-config"), ("tokenizer", spec.tokenizer, "--tokenizer"),
-                            ("weights", spec.weights[0], "--weights")):
+    for key, name, flag in (("config", spec.config, "model_config"), ("tokenizer", spec.tokenizer, "tokenizer"),
+                            ("weights", spec.weights[0], "weights")):
         path = getattr(entry, key) or directory / name
         if key == "weights" and entry.weights is None and not path.is_file():
             path = _other_weights(directory) or path
         if not path.is_file():
-            raise ModelFilesError(f"{spec.model_id}: {key} file not found: {path} (set {flag} or --model-dir)")
+            raise ModelFilesError(f"{spec.model_id}: {key} file not found: {path} "
+                                  f"(set {spell(flag)} or {spell('model_dir')})")
         paths[key] = path
     folders = list(dict.fromkeys((paths["tokenizer"].parent, paths["config"].parent, directory,
                                   paths["weights"].parent)))
@@ -351,7 +361,8 @@ def _probe(endpoints: dict[str, str], repo: str) -> dict[str, tuple[bool, float]
         return {source: future.result() for source, future in futures.items()}
 
 
-def _download(spec: ModelSpec, root: Path, *, progress: bool, log: Callable[[str], None]) -> ModelFiles:
+def _download(spec: ModelSpec, root: Path, *, progress: bool, log: Callable[[str], None],
+              local: str) -> ModelFiles:
     """Download into `root` from the faster live hub, falling back to the other; verify; write the manifest."""
     endpoints = _endpoints()
     probes = _probe(endpoints, spec.repo)
@@ -376,7 +387,7 @@ def _download(spec: ModelSpec, root: Path, *, progress: bool, log: Callable[[str
     reasons = "; ".join(f"{_NAMES[s]} ({endpoints[s]}): {failures[s]}" for s in ("huggingface", "modelscope"))
     raise ModelFilesError(
         f"{spec.model_id}: model files are not in {root} and could not be downloaded from either hub "
-        f"[{reasons}]; download {spec.repo} elsewhere and point at it with {_LOCAL_FLAGS}"
+        f"[{reasons}]; set {_HUB_ENV}, or download {spec.repo} elsewhere and point at it with {local}"
     )
 
 

@@ -8,18 +8,24 @@ prefix differs: the file and key for config.toml (`ConfigError`), the flag for t
 for the server (`UserError`).
 
 The user's config.toml is created with commented defaults when absent (`common/default_config.toml`) and is never
-written again: we read it, we do not reformat it.
+written again: we read it, we do not reformat it. When its folder cannot be written (a read-only home), the run goes
+on with the built-in defaults and one warning line; a file named explicitly (`--config PATH`) must exist.
+
+Messages name a setting the way the caller's user spells it (`spell`): `--model-dir` on the command line
+(`flag_spelling`), `model_dir` in Python (`keyword_spelling`).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import platformdirs
 
@@ -30,8 +36,10 @@ else:  # Python 3.10 has no tomllib; tomli is the same parser, published separat
 
 from .errors import ConfigError, UnknownModelError, UserError
 from .prompts import DEEPSEEK_TEMPLATES as TEMPLATES  # the templates the prompt renderer knows
-from .models import family_ids, model_options
+from .models import family_ids, family_of_config, get_family, model_options
 from .sampling import SamplingOptions
+
+log = logging.getLogger("deepseek_ocr.config")
 
 APP = "deepseek-ocr"
 CONFIG_NAME = "config.toml"
@@ -241,6 +249,42 @@ class InferenceSettings:
 
 #: The [inference] keys that are sampling rules (`SamplingOptions` fields of the same names).
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size")
+#: Keys that only shape a random draw, with the value at which each changes nothing (temperature 0 is greedy).
+#: Both models decode greedily unless do_sample is true, so without it these are ignored, never silently.
+DRAW_KEYS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def ignored_sampling_keys(inference: InferenceSettings, keys: Iterable[str] = DRAW_KEYS) -> list[str]:
+    """The keys of `keys` set to a value that would change a draw while `do_sample` is not true: the rule is
+    that such values are ignored with one warning line (`warn_ignored_sampling`), on every front end alike."""
+    if inference.do_sample:
+        return []
+    return [key for key in DRAW_KEYS if key in keys and getattr(inference, key) not in (None, DRAW_KEYS[key])]
+
+
+def warn_ignored_sampling(inference: InferenceSettings, keys: Iterable[str] = DRAW_KEYS, *,
+                          names: Callable[[str], str] | None = None, hint: str | None = None) -> list[str]:
+    """Log one warning line when `ignored_sampling_keys` finds any; `names` spells a key for the user, `hint` says
+    how to turn sampling on (default: `do_sample`). Returns the keys warned about."""
+    ignored = ignored_sampling_keys(inference, keys)
+    if ignored:
+        spelled = ", ".join((names or keyword_spelling)(key) for key in ignored)
+        log.warning("%s %s ignored: sampling is off (greedy decoding); %s", spelled,
+                    "is" if len(ignored) == 1 else "are", hint or f"set {keyword_spelling('do_sample', True)} to sample")
+    return ignored
+
+
+def flag_spelling(key: str, value: Any = None) -> str:
+    """A setting as the command line spells it: `--model-dir`, `--model paddleocr-vl`, `--do-sample true`."""
+    name = _flag(key)
+    if value is None:
+        return name
+    return f"{name} {str(value).lower() if isinstance(value, bool) else value}"
+
+
+def keyword_spelling(key: str, value: Any = None) -> str:
+    """A setting as the Python API spells it: `model_dir`, `model='paddleocr-vl'`, `do_sample=True`."""
+    return key if value is None else f"{key}={value!r}"
 
 
 def _layer(lower: Mapping[str, Any], upper: Mapping[str, Any], spell: Callable[[str], str]) -> dict[str, Any]:
@@ -306,6 +350,8 @@ class ModelEntry:
     tokenizer: Path | None = None
     weights: Path | None = None
     model_dir: Path | None = None
+    #: How messages about these files name the settings (`flag_spelling` or `keyword_spelling`).
+    spell: Callable[..., str] = field(default=flag_spelling, compare=False, repr=False)
 
     @property
     def is_local(self) -> bool:
@@ -342,19 +388,32 @@ def default_config_text() -> str:
     return resources.files(__package__).joinpath("default_config.toml").read_text(encoding="utf-8")
 
 
-def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}) -> Settings:
+def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}, *,
+                  spell: Callable[..., str] | None = None) -> Settings:
     """Settings from built-in defaults, then config.toml, then `flags` (a value of None is "not given").
 
-    `config_path` None uses `default_config_path()`; a missing file is created with the commented defaults.
-    Flag names are the config keys (`max_new_tokens`, `port`, ...), plus `model` (the active model) and
-    `model_dir` / `config` (alias `model_config`) / `tokenizer` / `weights` for the active model's entry. A
-    `model_dir` flag replaces every path the file gives that model; the other path flags replace one path each.
-    Raises `ConfigError` for a bad file, `UserError` for a bad flag value, `UnknownModelError` for an unknown
-    model id, and `TypeError` for a flag name that is not one of `FLAG_NAMES` (a front-end bug, not the user's).
+    `config_path` None uses `default_config_path()`; when that file is missing it is created with the commented
+    defaults, and when it cannot be created (read-only home) the built-in defaults apply, with one warning line.
+    A `config_path` given explicitly must exist. Flag names are the config keys (`max_new_tokens`, `port`, ...),
+    plus `model` (the active model) and `model_dir` / `config` (alias `model_config`) / `tokenizer` / `weights`
+    for the active model's entry. A `model_dir` flag replaces every path the file gives that model; the other path
+    flags replace one path each. Path flags holding another model's checkpoint (config.json `model_type`) pick
+    that model when no `model` flag is given, and are a `UserError` naming it otherwise. `spell(key, value=None)`
+    names a flag in messages (default `flag_spelling`; the Python API passes `keyword_spelling`). Sampling values
+    that sampling-off would ignore are logged once (`warn_ignored_sampling`).
+    Raises `ConfigError` for a bad or missing file, `UserError` for a bad flag value, `UnknownModelError` for an
+    unknown model id, and `TypeError` for a flag name that is not one of `FLAG_NAMES` (a front-end bug).
     """
-    path = Path(config_path).expanduser() if config_path is not None else default_config_path()
-    _write_defaults_if_missing(path)
-    raw = _read_toml(path)
+    spell = spell or flag_spelling
+    if config_path is not None:
+        path = Path(config_path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{spell('config')}: {path} does not exist (create it, or leave {spell('config')} out "
+                              "to use the per-user config.toml)")
+        raw = _read_toml(path)
+    else:
+        path = default_config_path()
+        raw = _read_toml(path) if _write_defaults_if_missing(path) else {}
     for key in raw:
         if key not in ("models", *RULES):
             raise _unknown(path, "", key, ("models", *RULES))
@@ -368,29 +427,71 @@ def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}
     if "model" in given:
         active = str(given["model"])
         if active not in MODEL_IDS:
-            raise UnknownModelError(f"--model: unknown model {active!r} (known: {', '.join(MODEL_IDS)})")
+            raise UnknownModelError(f"{spell('model')}: unknown model {active!r} (known: {', '.join(MODEL_IDS)})")
     models = {model_id: file_models.get(model_id, ModelEntry()) for model_id in MODEL_IDS}
-    models[active] = _apply_path_flags(models[active], given)
+    flagged = _apply_path_flags(ModelEntry(), given, spell)
+    if flagged.is_local:
+        active = _checkpoint_model(flagged, active, "model" in given, spell)
+        models[active] = _apply_path_flags(models[active], given, spell)
+
+    models = {model_id: dataclasses.replace(entry, spell=spell) for model_id, entry in models.items()}
 
     sections = {}
+    typed_keys: dict[str, dict[str, Any]] = {}
     for section, rules in RULES.items():
         values = _parse_section(path, section, raw.get(section, {}))
-        typed = {key: _check_flag(section, key, given[key]) for key in rules if key in given}
+        typed = typed_keys[section] = {key: _check_flag(section, key, given[key], spell)
+                                       for key in rules if key in given}
         # A typed flag beats config.toml, presets included (see `_layer`); [server] has no presets.
-        sections[section] = _layer(values, typed, _flag) if section == "inference" else {**values, **typed}
+        sections[section] = _layer(values, typed, spell) if section == "inference" else {**values, **typed}
+    inference = InferenceSettings(**sections["inference"])
+    warn_ignored_sampling(inference, names=lambda key: spell(key) if key in typed_keys["inference"]
+                          else f"{key} ({path})", hint=f"add {spell('do_sample', True)} to sample")
     return Settings(
         active_model=active,
         models=models,
-        inference=InferenceSettings(**sections["inference"]),
+        inference=inference,
         server=ServerSettings(**sections["server"]),
         config_path=path,
     )
 
 
-def _write_defaults_if_missing(path: Path) -> None:
-    """Create `path` with the commented defaults; never replaces a file, even one created a moment ago."""
+def _checkpoint_model(entry: ModelEntry, active: str, model_given: bool, spell: Callable[..., str]) -> str:
+    """The model whose checkpoint the path flags point at: `active`, or the family config.json's `model_type`
+    names when no model was given; a typed model that does not match is a `UserError` saying which flag to add."""
+    where, config = ((spell("model_config"), entry.config) if entry.config is not None
+                     else (spell("model_dir"), (entry.model_dir or Path()) / "config.json"))
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return active  # missing or unreadable: the file checks at load time say so, naming the file
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str):
+        return active
+    holder = family_of_config(raw)
+    if holder is not None and holder.id == active:
+        return active
+    if holder is not None and not model_given:
+        log.info("%s holds a %s checkpoint: using model %s", config.parent, holder.display_name, holder.id)
+        return holder.id
+    architectures = raw.get("architectures")
+    what = f"model_type {model_type!r}" + (f", architectures {architectures}" if architectures else "")
+    expected = get_family(active).display_name
+    if holder is None:
+        raise UserError(f"{where}: {config} is not a checkpoint of a known model ({what}; known: "
+                        f"{', '.join(MODEL_IDS)}); {expected} needs its own snapshot", param="model_dir")
+    raise UserError(f"{where}: {config.parent} holds a {holder.display_name} checkpoint ({what}), not "
+                    f"{expected}; use {spell('model', holder.id)}", param="model")
+
+
+def _write_defaults_if_missing(path: Path) -> bool:
+    """Create `path` with the commented defaults; never replaces a file, even one created a moment ago.
+
+    True when the file exists afterwards; False, after one warning line, when its folder cannot be written (a
+    read-only home must not stop a run: the built-in defaults apply then).
+    """
     if path.exists():
-        return
+        return True
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Written aside then linked into place: a reader never sees half a file, and link() refuses to overwrite.
@@ -411,7 +512,12 @@ def _write_defaults_if_missing(path: Path) -> None:
         finally:
             os.unlink(tmp)
     except OSError as error:
-        raise ConfigError(f"{path}: cannot create the default config file ({error.strerror or error})") from None
+        if path.exists():
+            return True
+        log.warning("cannot create %s (%s); using the built-in defaults, no config file written",
+                    path, error.strerror or error)
+        return False
+    return True
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -488,14 +594,15 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def _check_flag(section: str, key: str, value: Any) -> Any:
+def _check_flag(section: str, key: str, value: Any, spell: Callable[..., str] = flag_spelling) -> Any:
     try:
         return check_value(section, key, value, lenient=True)
     except InvalidValue as error:
-        raise UserError(f"{_flag(key)}: {error}", param=key) from None
+        raise UserError(f"{spell(key)}: {error}", param=key) from None
 
 
-def _apply_path_flags(entry: ModelEntry, given: Mapping[str, Any]) -> ModelEntry:
+def _apply_path_flags(entry: ModelEntry, given: Mapping[str, Any],
+                      spell: Callable[..., str] = flag_spelling) -> ModelEntry:
     """The active model's entry with the path flags on top (see `load_settings` for the rule)."""
     flags = dict(given)
     if "model_config" in flags:
@@ -505,7 +612,7 @@ def _apply_path_flags(entry: ModelEntry, given: Mapping[str, Any]) -> ModelEntry
         if key in flags:
             text = str(flags[key])
             if not text.strip():
-                raise UserError(f"{_flag('model_config' if key == 'config' else key)}: a path is required", param=key)
+                raise UserError(f"{spell('model_config' if key == 'config' else key)}: a path is required", param=key)
             paths[key] = Path(text).expanduser().absolute()
     if "model_dir" in paths:
         return ModelEntry(**paths)

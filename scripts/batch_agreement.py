@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint = args.checkpoint or ensure_checkpoint(args.model)
     with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.toml").touch()  # an empty config.toml: the built-in defaults
         settings = load_settings(Path(tmp) / "config.toml", {
             "model": args.model, "model_dir": str(checkpoint), "backend": "torch", "device": "cpu",
             "dtype": args.dtype})

@@ -278,6 +278,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     from common.prompts import DEFAULT_PROMPTS  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as tmp:  # built-in defaults: the user's config.toml plays no part
+        (Path(tmp) / "config.toml").touch()  # an empty config.toml: the built-in defaults
         settings = load_settings(Path(tmp) / "config.toml", {
             "model": args.model, "model_dir": str(args.checkpoint), "backend": args.backend,
             "device": args.device, "dtype": args.dtype})

@@ -21,7 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 import httpx
 from sanic import Sanic
 
-from common.config import FLAG_NAMES, INFERENCE_RULES, SERVER_RULES, ServerSettings, Settings, load_settings
+from common.config import (FLAG_NAMES, INFERENCE_RULES, SERVER_RULES, ServerSettings, Settings, load_settings,
+                           warn_ignored_sampling)
+from common.cli import package_version
 from common.errors import UserError
 from common.pipeline import Pipeline
 
@@ -98,7 +100,10 @@ class ServerState:
 
     def check_overrides(self, spec: CallSpec) -> None:
         """Refuse bad per-request values (400, naming the field) before the request takes a queue slot."""
-        self.settings.inference.with_overrides({k: v for k, v in spec.overrides().items() if k in INFERENCE_RULES})
+        given = {k: v for k, v in spec.overrides().items() if k in INFERENCE_RULES}
+        inference = self.settings.inference.with_overrides(given)
+        # top_p while sampling is off is ignored, with one log line (temperature > 0 is what turns sampling on).
+        warn_ignored_sampling(inference, given, hint="send a temperature > 0 to sample")
 
     def token_decoder(self, model_id: str) -> Callable[[int], str]:
         """id -> text for logprob entries, looked up at each call: the model may still be loading when the
@@ -163,6 +168,7 @@ def _flag_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, help="config.toml (default: the per-user one)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--no-preload", action="store_true", help="load the active model on first use only")
+    parser.add_argument("--version", action="version", version=f"deepseek-ocr-server {package_version()}")
     booleans = {k for rules in (INFERENCE_RULES, SERVER_RULES) for k, r in rules.items() if r.kind is bool}
     for key in FLAG_NAMES:
         if key == "config":  # the model's config.json is --model-config; --config is config.toml

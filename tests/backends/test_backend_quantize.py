@@ -11,6 +11,7 @@ from common.pipeline import Pipeline, Request
 
 
 def _settings(tmp_path: Path, model_dir: Path, **flags):
+    (tmp_path / "config.toml").touch()  # an empty config.toml: the built-in defaults
     return load_settings(tmp_path / "config.toml", {"model_dir": str(model_dir), "mode": "tiny",
                                                     "max_new_tokens": 3, **flags})
 

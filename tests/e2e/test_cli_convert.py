@@ -18,6 +18,7 @@ CLI = shutil.which("deepseek-ocr-cli") or str(Path(sys.executable).with_name("de
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
            "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    (tmp_path / "config.toml").touch()  # --config must name an existing file
     return subprocess.run([CLI, *args, "--config", str(tmp_path / "config.toml")], env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -19,6 +19,7 @@ PAGE = Path(__file__).resolve().parents[1] / "data" / "page.png"
 def _json(tmp_path: Path, *args: str) -> dict:
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
            "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    (tmp_path / "config.toml").touch()  # --config must name an existing file
     done = subprocess.run([CLI, *args, "--device", "cpu", "--dtype", "float32", "--format", "json",
                            "--max-new-tokens", "4", "--config", str(tmp_path / "config.toml")],
                           env=env, capture_output=True, text=True, timeout=600)

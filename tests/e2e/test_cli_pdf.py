@@ -28,6 +28,7 @@ def run(tmp_path: Path):
     env.update(HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(tmp_path / "xdg-config"),
                XDG_CACHE_HOME=str(tmp_path / "xdg-cache"), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     config = tmp_path / "config.toml"
+    config.touch()  # --config must name an existing file; tests may write it
 
     def _run(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(CLI), "--config", str(config), *args], capture_output=True, text=True,

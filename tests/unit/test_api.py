@@ -17,7 +17,7 @@ from PIL import Image
 
 from common.api import OCR
 from common.errors import ImageError, UnknownModelError, UserError
-from common.pdf import render_pdf
+from common.pdf import iter_pages
 from common.pipeline import Pipeline, Request, Result
 
 # 512 px views without tiles ("tiny") keep the SAM encoder cheap on a shared CPU.
@@ -35,7 +35,9 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture()
 def config(tmp_path: Path) -> Path:
-    return tmp_path / "c.toml"
+    path = tmp_path / "c.toml"
+    path.touch()  # `config=` must name an existing file
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +140,8 @@ def test_pdf_pages_one_result_each(deepseek: OCR, tmp_path: Path) -> None:
     assert len(results) == 2 and all(r.completion_tokens == 2 for r in results)
     (second,) = deepseek.pdf(data, pages="2", ignore_eos=True, max_new_tokens=2)
     assert second.token_ids == results[1].token_ids
-    image = render_pdf(data, pages="2")[0]
+    with iter_pages(data, "2") as reader:
+        (_, image), = reader
     assert deepseek(image, ignore_eos=True, max_new_tokens=2).token_ids == second.token_ids
     numbers = [number for number, _ in deepseek.iter_pdf(io.BytesIO(data), pages="2,1", max_new_tokens=1)]
     assert numbers == [2, 1]

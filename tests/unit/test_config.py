@@ -21,7 +21,10 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def cfg(tmp_path: Path) -> Path:
-    return tmp_path / "config.toml"
+    """An empty config.toml (an explicit --config must exist): the built-in defaults until a test writes it."""
+    path = tmp_path / "config.toml"
+    path.touch()
+    return path
 
 
 # ------------------------------------------------------------------------------------------- first run, defaults
@@ -45,8 +48,10 @@ def test_first_run_writes_commented_defaults_that_read_back_equal(tmp_path: Path
     assert settings.models == {model_id: ModelEntry() for model_id in MODEL_IDS}
 
 
-def test_written_defaults_spell_out_every_key(cfg: Path) -> None:
-    load_settings(cfg)
+def test_written_defaults_spell_out_every_key(tmp_path: Path, monkeypatch) -> None:
+    cfg = tmp_path / "xdg" / "config.toml"
+    monkeypatch.setattr(config, "default_config_path", lambda: cfg)
+    load_settings()
     text = cfg.read_text(encoding="utf-8")
     for key in (*config.INFERENCE_RULES, *config.SERVER_RULES):
         assert f"\n{key} = " in text or f"\n# {key} = " in text, key
@@ -55,10 +60,13 @@ def test_written_defaults_spell_out_every_key(cfg: Path) -> None:
     assert "no_repeat_ngram_size = 20" in text and "max_request_bytes = 52428800" in text
 
 
-def test_explicit_missing_path_is_created(tmp_path: Path) -> None:
+def test_explicit_missing_path_is_an_error_not_created(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "dir" / "mine.toml"
-    load_settings(path)
-    assert path.read_text(encoding="utf-8") == config.default_config_text()
+    with pytest.raises(ConfigError, match=r"--config: .*mine\.toml does not exist"):
+        load_settings(path)
+    with pytest.raises(ConfigError, match=r"^config: "):
+        load_settings(path, spell=config.keyword_spelling)
+    assert not path.exists() and not path.parent.exists()
 
 
 def test_user_file_is_never_rewritten(cfg: Path) -> None:
@@ -175,7 +183,7 @@ def test_bad_flag_value_is_a_user_error_naming_the_flag(cfg: Path, flags: dict, 
 
 
 def test_unknown_model_flag(cfg: Path) -> None:
-    with pytest.raises(UnknownModelError, match=r"--model: unknown model 'x' \(known: deepseek-ocr, paddleocr-vl\)"):
+    with pytest.raises(UnknownModelError, match=r"--model: unknown model 'x' \(known: deepseek-ocr, paddleocr-vl"):
         load_settings(cfg, {"model": "x"})
 
 

@@ -235,11 +235,13 @@ def test_a_blank_key_from_any_source_is_an_error(tmp_path, source: str) -> None:
 
 @pytest.mark.parametrize("value", ["", "   "])
 def test_a_blank_key_flag_is_refused(tmp_path, value: str) -> None:
+    (tmp_path / "config.toml").touch()
     with pytest.raises(UserError, match="--api-key"):
         parse_command_line(["--config", str(tmp_path / "config.toml"), "--api-key", value])
 
 
 def test_new_limits_have_flags(tmp_path) -> None:
+    (tmp_path / "config.toml").touch()
     settings, _ = parse_command_line(["--config", str(tmp_path / "config.toml"), "--max-image-urls", "2",
                                       "--max-connections", "5", "--request-timeout-s", "3.5",
                                       "--insecure-no-auth", "--max-inflight-pixels", "1000"])
@@ -274,5 +276,6 @@ def test_stop_strings_are_capped_in_length() -> None:
 def test_main_refuses_an_open_host_without_a_key_before_binding(tmp_path, monkeypatch, capsys) -> None:
     from server.app import main
     monkeypatch.delenv("DEEPSEEK_OCR_API_KEY", raising=False)
+    (tmp_path / "config.toml").touch()
     assert main(["--config", str(tmp_path / "config.toml"), "--host", "0.0.0.0", "--no-preload"]) == 2
     assert "--insecure-no-auth" in capsys.readouterr().err
