@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclasses_fields
 from pathlib import Path
 from typing import Any
 
@@ -378,3 +379,136 @@ class PaddleOCRVLConfig:
             video_token_id=root.get("video_token_id", int, 101307),
             source=source,
         )
+
+
+# ----------------------------------------------------------------------------------------------- GLM-OCR
+
+@dataclass(frozen=True)
+class GlmOcrVisionConfig:
+    """The GLM-OCR vision tower (`vision_config`): Conv3d patches over two frames, RMSNorm blocks, 2x2 merge."""
+
+    hidden_size: int
+    depth: int
+    num_heads: int
+    intermediate_size: int
+    out_hidden_size: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    rms_norm_eps: float
+    attention_bias: bool = True
+    hidden_act: str = "silu"
+    in_channels: int = 3
+    rope_theta: float = 10000.0  # `rope_parameters.rope_theta` when given; the reference's default otherwise
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class GlmOcrTextConfig:
+    """The GLM decoder (`text_config`): sandwich-norm layers, fused gate/up MLP, interleaved M-RoPE."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    partial_rotary_factor: float = 1.0
+    hidden_act: str = "silu"
+    eos_token_id: tuple[int, ...] = ()
+
+
+IGNORED_GLM_OCR_TEXT_KEYS = {
+    "model_type", "pad_token_id", "attention_bias", "attention_dropout", "initializer_range", "dtype", "torch_dtype",
+    "tie_word_embeddings", "use_cache", "num_nextn_predict_layers", "rope_parameters",
+}
+IGNORED_GLM_OCR_VISION_KEYS = {
+    "model_type", "hidden_dropout_prob", "attention_dropout", "initializer_range", "image_size", "dtype",
+    "torch_dtype", "rope_parameters",
+}
+IGNORED_GLM_OCR_KEYS = {
+    "architectures", "model_type", "transformers_version", "text_config", "vision_config", "dtype", "torch_dtype",
+    "tie_word_embeddings", "quantization", "_name_or_path",
+}
+
+
+@dataclass(frozen=True)
+class GlmOcrConfig:
+    """GLM-OCR (`zai-org/GLM-OCR` config.json)."""
+
+    text: GlmOcrTextConfig
+    vision: GlmOcrVisionConfig
+    image_token_id: int
+    image_start_token_id: int
+    image_end_token_id: int
+    video_token_id: int
+    video_start_token_id: int
+    video_end_token_id: int
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> GlmOcrConfig:
+        return cls.from_dict(_load_json(Path(path)), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> GlmOcrConfig:
+        root = _Reader(data, source)
+        t = root.sub("text_config")
+        rope = t.sub("rope_parameters")
+        if rope.get("rope_type", str, "default") != "default":
+            raise ConfigError(f"{source}: 'text_config.rope_parameters.rope_type' must be 'default'")
+        eos = t.data.get("eos_token_id", ())
+        heads = t.get("num_attention_heads", int)
+        text = GlmOcrTextConfig(
+            vocab_size=t.get("vocab_size", int),
+            hidden_size=t.get("hidden_size", int),
+            intermediate_size=t.get("intermediate_size", int),
+            num_hidden_layers=t.get("num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=t.get("num_key_value_heads", int, heads),
+            head_dim=t.get("head_dim", int, t.get("hidden_size", int) // heads),
+            rms_norm_eps=t.get("rms_norm_eps", float),
+            rope_theta=rope.get("rope_theta", float),
+            mrope_section=rope.ints("mrope_section"),
+            max_position_embeddings=t.get("max_position_embeddings", int, 131072),
+            partial_rotary_factor=rope.get("partial_rotary_factor", float, 1.0),
+            hidden_act=t.get("hidden_act", str, "silu"),
+            eos_token_id=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+        )
+        rotary = int(text.head_dim * text.partial_rotary_factor)
+        if sum(text.mrope_section) * 2 != rotary:
+            raise ConfigError(f"{source}: 'text_config.rope_parameters.mrope_section' must sum to the rotary "
+                              f"dimension / 2 ({rotary // 2})")
+        t.warn_unknown(IGNORED_GLM_OCR_TEXT_KEYS | {f.name for f in dataclasses_fields(GlmOcrTextConfig)})
+        v = root.sub("vision_config")
+        vision_rope = v.data.get("rope_parameters") or {}
+        vision = GlmOcrVisionConfig(
+            hidden_size=v.get("hidden_size", int),
+            depth=v.get("depth", int),
+            num_heads=v.get("num_heads", int),
+            intermediate_size=v.get("intermediate_size", int),
+            out_hidden_size=v.get("out_hidden_size", int),
+            patch_size=v.get("patch_size", int),
+            temporal_patch_size=v.get("temporal_patch_size", int, 2),
+            spatial_merge_size=v.get("spatial_merge_size", int, 2),
+            rms_norm_eps=v.get("rms_norm_eps", float, 1e-5),
+            attention_bias=v.get("attention_bias", bool, True),
+            hidden_act=v.get("hidden_act", str, "silu"),
+            in_channels=v.get("in_channels", int, 3),
+            rope_theta=float(vision_rope.get("rope_theta", 10000.0)),
+        )
+        v.warn_unknown(IGNORED_GLM_OCR_VISION_KEYS | {f.name for f in dataclasses_fields(GlmOcrVisionConfig)})
+        ids = ("image_token_id", "image_start_token_id", "image_end_token_id", "video_token_id",
+               "video_start_token_id", "video_end_token_id")
+        root.warn_unknown(IGNORED_GLM_OCR_KEYS | set(ids))
+        defaults = (59280, 59256, 59257, 59281, 59258, 59259)  # the reference config class's defaults
+        return cls(text=text, vision=vision, source=source,
+                   **{key: root.get(key, int, default) for key, default in zip(ids, defaults)})

@@ -251,9 +251,16 @@ class PaddleOCRVL(CausalLM):
         if inputs.image_grid_thw.shape[0] == 0:
             return None
         grids = [tuple(int(v) for v in g) for g in inputs.image_grid_thw]
-        patches = torch.from_numpy(inputs.pixel_values).to(self.device)
-        features = self.visual.vision_model(patches, grids)
-        return self.mlp_AR(features, grids)
+        return self._vision(torch.from_numpy(inputs.pixel_values).to(self.device), grids)
+
+    def _vision(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Patches of every image, concatenated -> their merged tokens (N_image_tokens, hidden)."""
+        return self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The text model the four calls drive (`model`): `embed_tokens` and forward(x, positions, caches)."""
+        return self.model
 
     @torch.no_grad()
     def encode_images_batch(self, batch: list[PaddleOCRVLInputs]) -> list[torch.Tensor | None]:
@@ -263,7 +270,7 @@ class PaddleOCRVL(CausalLM):
         if not grids:
             return [None] * len(batch)
         patches = torch.from_numpy(np.concatenate([inputs.pixel_values for inputs in batch])).to(self.device)
-        merged = self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+        merged = self._vision(patches, grids)
         merge = self.config.vision.spatial_merge_size ** 2
         counts = [sum(int(t * h * w) // merge for t, h, w in inputs.image_grid_thw) for inputs in batch]
         return [part if count else None for part, count in zip(merged.split(counts), counts)]
@@ -277,7 +284,7 @@ class PaddleOCRVL(CausalLM):
         """(1, vocab) float32 logits at the last prompt position; image embeddings replace the placeholders in
         order. `cache=None` is a plain full forward."""
         ids = torch.from_numpy(inputs.input_ids).to(self.device)
-        x = self.model.embed_tokens(ids)
+        x = self.decoder.embed_tokens(ids)
         placeholders = int(np.count_nonzero(inputs.input_ids == inputs.image_token_id))
         count = 0 if image_embeds is None else image_embeds.shape[0]
         if placeholders != count:
@@ -285,15 +292,15 @@ class PaddleOCRVL(CausalLM):
         if image_embeds is not None:
             x[ids == inputs.image_token_id] = image_embeds.to(x.dtype)
         positions = torch.from_numpy(inputs.position_ids).to(self.device)[:, None]  # (3, 1, L)
-        hidden = self.model(x[None], positions, cache)
+        hidden = self.decoder(x[None], positions, cache)
         return self._logits(hidden[:, -1])
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor, positions: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
         """One token per sequence: token_ids (B,), positions (B,) used on all three axes -> (B, vocab) float32."""
-        x = self.model.embed_tokens(token_ids.to(self.device))[:, None]  # (B, 1, D)
+        x = self.decoder.embed_tokens(token_ids.to(self.device))[:, None]  # (B, 1, D)
         pos = positions.to(self.device).view(1, -1, 1).expand(3, -1, -1)
-        hidden = self.model(x, pos, cache)
+        hidden = self.decoder(x, pos, cache)
         return self._logits(hidden[:, -1])
 
 

@@ -8,14 +8,15 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..errors import UnknownModelError, UserError
-from . import deepseek_ocr, deepseek_ocr2, paddleocr_vl, paddleocr_vl_1_5
+from . import deepseek_ocr, deepseek_ocr2, glm_ocr, paddleocr_vl, paddleocr_vl_1_5
 from .family import SIDE_FILES, ModelFamily, ModelOption, ModelSpec, read_json
 
 __all__ = ["FAMILIES", "ModelFamily", "ModelOption", "ModelSpec", "SIDE_FILES", "check_family_options",
            "family_ids", "family_of_config", "family_of_model_type", "get_family", "model_options", "option_owner", "read_json"]
 
 FAMILIES: dict[str, ModelFamily] = {family.id: family for family in (
-    deepseek_ocr.FAMILY, paddleocr_vl.FAMILY, paddleocr_vl_1_5.FAMILY, deepseek_ocr2.FAMILY)}
+    deepseek_ocr.FAMILY, paddleocr_vl.FAMILY, paddleocr_vl_1_5.FAMILY, deepseek_ocr2.FAMILY,
+    glm_ocr.FAMILY)}
 
 
 def family_ids() -> tuple[str, ...]:
