@@ -1,4 +1,5 @@
-"""Where a checkpoint's tensors live: a safetensors file, a sharded index, or a snapshot directory.
+"""Where a checkpoint's tensors live (a safetensors file, a sharded index, or a snapshot directory), and the one
+strict-load check that compares a model's tensor names and shapes with a checkpoint's.
 
 Framework-free, shared by both backends' loaders.
 """
@@ -6,8 +7,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping, Sequence
 
-from .errors import ModelFilesError
+from .errors import CheckpointError, ModelFilesError
+
+#: Names listed per kind of fault in a strict-load error; the rest is counted.
+LISTED_NAMES = 20
+
+
+def check_strict(expected: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]]) -> None:
+    """Raise `CheckpointError` unless `given` (checkpoint name -> shape) has exactly the tensors `expected`
+    (model name -> shape) has, each of the same shape. The message lists the missing tensors, the unexpected
+    ones and the shape mismatches by name, both backends alike."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mismatched = sorted(f"{name}: checkpoint {tuple(given[name])} vs model {tuple(expected[name])}"
+                        for name in set(expected) & set(given) if tuple(expected[name]) != tuple(given[name]))
+    parts = [f"{label}: {separator.join(names[:LISTED_NAMES])}"
+             + (f" ... ({len(names) - LISTED_NAMES} more)" if len(names) > LISTED_NAMES else "")
+             for label, separator, names in (("missing tensors", ", ", missing),
+                                             ("unexpected tensors", ", ", unexpected),
+                                             ("shape mismatches", "; ", mismatched)) if names]
+    if parts:
+        raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
 
 
 def checkpoint_files(weights: Path) -> list[Path]:

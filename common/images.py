@@ -8,11 +8,13 @@ Every later resize must happen on the RGB result: resizing a palette image first
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterator, Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -57,14 +59,33 @@ def _open(source: ImageSource) -> Image.Image:
         raise ImageError(f"cannot read {what}: {exc}") from None
 
 
+@contextlib.contextmanager
+def quiet_size_warning() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning silenced: an image between its warning size and its error size (2x) is
+    allowed here, and a raw Python warning is no message for the user; the error above it stays an `ImageError`.
+
+    `catch_warnings` swaps process-wide filters: with threads decoding at once, the worst case is that this one
+    filter outlives the block, which is the behaviour wanted anyway.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(source: ImageSource) -> Image.Image:
     """Decode a path, bytes or binary stream into a fully loaded RGB image, orientation applied.
 
     Raises `ImageError` (a `UserError`) for a missing path, undecodable or truncated data, a format outside
-    `ALLOWED_FORMATS`, or an image over Pillow's decompression-bomb limit.
+    `ALLOWED_FORMATS`, or an image over Pillow's decompression-bomb limit. Large images under that limit decode
+    without Pillow's warning (`quiet_size_warning`).
     """
     if not isinstance(source, (str, os.PathLike, bytes, bytearray)):
         source = source.read()  # a stream is read once, so the fallback below can open it again
+    with quiet_size_warning():
+        return _decode(source)
+
+
+def _decode(source: ImageSource) -> Image.Image:
     image = _open(source)
     try:
         image = ImageOps.exif_transpose(image)

@@ -9,8 +9,7 @@ holds one process-wide lock. Documents are closed explicitly under that lock: py
 them from a garbage-collection finaliser, outside any lock.
 
 Usage:
-    images = render_pdf("doc.pdf", pages="1-3,5")           # a list of PIL images, in the order asked for
-    for number, image in iter_pages(data, "2-", dpi=200):   # one page in memory at a time
+    for number, image in iter_pages("doc.pdf", "1-3,5", dpi=200):   # one page in memory at a time
         ...
 """
 from __future__ import annotations
@@ -33,8 +32,6 @@ MIN_DPI, MAX_DPI = 18, 1200
 MAX_PAGES = 500
 #: Pixels one rendered page may have (the server's default image limit): refuses a poster at 1200 dpi.
 MAX_PAGE_PIXELS = 64_000_000
-#: Pixels all pages of one `render_pdf` call may have together (about 770 MB of RGB; ~130 Letter pages at 144 dpi).
-MAX_TOTAL_PIXELS = 256_000_000
 #: The PDF header may follow up to 1 KiB of leading bytes; readers (pdfium included) search that far.
 _HEADER_WINDOW = 1024
 
@@ -222,25 +219,6 @@ def open_pdf(source: PdfSource, *, password: str | None = None) -> PdfFile:
     `UserError` when pypdfium2 is not installed.
     """
     return PdfFile(source, password=password)
-
-
-def render_pdf(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_DPI, *,
-               password: str | None = None, max_pages: int = MAX_PAGES, max_pixels: int = MAX_PAGE_PIXELS,
-               max_total_pixels: int = MAX_TOTAL_PIXELS) -> list[Image.Image]:
-    """The selected pages (all by default; "1-3,5" style, 1-based) as RGB images rendered at `dpi`.
-
-    Every page is held in memory at once, hence `max_total_pixels` (checked before anything is rendered); to OCR
-    long documents page by page use `open_pdf`. Errors as `open_pdf`, `parse_pages` and `PdfFile.render` raise
-    them, plus an `ImageError` over the total.
-    """
-    dpi = check_dpi(dpi)
-    with open_pdf(source, password=password) as doc:
-        numbers = doc.select(pages, max_pages)
-        total = sum(math.prod(doc.pixel_size(number, dpi)) for number in numbers)
-        if total > max_total_pixels:
-            raise ImageError(f"{len(numbers)} pages of {doc.name} would be {total} pixels at {dpi} dpi, over the "
-                             f"limit of {max_total_pixels}; select fewer pages or use a lower dpi")
-        return [doc.render(number, dpi, max_pixels) for number in numbers]
 
 
 def iter_pages(source: PdfSource, pages: str | None = None, dpi: int = DEFAULT_DPI, *,

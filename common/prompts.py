@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, NamedTuple, Sequence
 
-import jinja2
-import jinja2.sandbox
 from PIL import Image
 
 from .deepseek_ocr import format_messages
@@ -159,18 +157,3 @@ def paddle_prompt_text(prompt: str) -> str:
     while text.startswith(IMAGE_PLACEHOLDER):
         text = text[len(IMAGE_PLACEHOLDER):].lstrip()
     return text if IMAGE_PLACEHOLDER not in text else prompt
-
-
-def render_chat_template(template: str, text: str, n_images: int, **special_tokens: str) -> str:
-    """Render a checkpoint's Jinja chat template for one user turn ([image] * n_images + [text]) with the
-    generation prompt on. Only the template's own defaults for special tokens are used unless given: passing
-    `image_token` would make the PaddleOCR-VL v1 template lose its IMAGE_START/END markers (RULES.md 8)."""
-    content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
-    content.append({"type": "text", "text": text})
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True,
-                               **special_tokens)
-    except jinja2.TemplateError as exc:
-        raise UserError(f"the model's chat template cannot be rendered: {exc}") from None

@@ -19,24 +19,7 @@ from common.timing import Timings
 
 from .engine import Engine
 from .generate import generate
-from .loader import DTYPES
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'metal' when MLX sees an Apple GPU, else 'cpu'; sets MLX's (process-wide) default device."""
-    if device == "auto":
-        device = "metal" if mx.metal.is_available() else "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        raise UserError("--device cuda needs the torch backend (--backend torch)", param="device")
-    if device == "metal":
-        if not mx.metal.is_available():
-            raise UserError("--device metal was asked for, but MLX sees no Metal GPU", param="device")
-        mx.set_default_device(mx.gpu)
-        return "metal"
-    if device != "cpu":
-        raise UserError(f"unknown device {device!r} for MLX (auto, cpu or metal)", param="device")
-    mx.set_default_device(mx.cpu)
-    return "cpu"
-
+from .loader import DTYPES, resolve_device
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """'auto' -> bfloat16 on Metal, float32 on the CPU (bfloat16 matmuls are slow on most CPUs)."""

@@ -13,8 +13,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from common.checkpoints import checkpoint_files
-from common.errors import CheckpointError, ModelFilesError, UserError
+from common.checkpoints import check_strict, checkpoint_files
+from common.errors import ModelFilesError, UserError
 from common.resize import interpolation_matrix
 
 from . import quantize as quantization
@@ -51,51 +51,35 @@ def read_safetensors(
 def assign_strict(module: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Assign `tensors` to the module's parameters by name; every one must match exactly.
 
-    Raises `CheckpointError` listing every missing key, unexpected key and shape mismatch by name. Computed
-    constants are kept under `_`-prefixed attributes, which MLX does not count as parameters.
+    Raises `CheckpointError` listing every missing key, unexpected key and shape mismatch by name
+    (`common.checkpoints.check_strict`). Computed constants are kept under `_`-prefixed attributes, which MLX
+    does not count as parameters.
     """
     expected = dict(tree_flatten(module.parameters()))
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tuple(expected[k].shape) != tuple(tensors[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        if mismatched:
-            parts.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
-        raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
+    check_strict({name: value.shape for name, value in expected.items()},
+                 {name: value.shape for name, value in tensors.items()})
     module.update(tree_unflatten(list(tensors.items())))
 
 
 def resolve_device(device: str) -> str:
-    """Select the MLX default device: 'cpu', 'metal' (Apple GPU), 'cuda' (MLX's CUDA build) or 'auto'.
+    """'auto' -> 'metal' when MLX sees an Apple GPU, else 'cpu'; sets MLX's (process-wide) default device.
 
-    Returns the device's name as reported to the user. MLX has one default device per process, so this is a
-    global choice; every array made afterwards lives there.
+    Returns the device's name as reported to the user. 'cuda' belongs to the torch backend. The one device rule
+    of this backend: `mlx_ocr.backend` and `load_module` both call it.
     """
-    has_metal = mx.metal.is_available()
-    has_cuda = hasattr(mx, "cuda") and mx.cuda.is_available()
     if device == "auto":
-        device = "metal" if has_metal else "cuda" if has_cuda else "cpu"
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-        return "cpu"
-    if device == "metal" and not has_metal:
-        raise UserError("--device metal was asked for, but MLX sees no Metal GPU", param="device")
-    if device == "cuda" and not has_cuda:
-        raise UserError("--device cuda was asked for, but this MLX build has no CUDA device "
-                        "(use --backend torch)", param="device")
-    if device not in ("metal", "cuda"):
-        raise UserError(f"unknown device {device!r} (auto, cpu, metal or cuda)", param="device")
-    mx.set_default_device(mx.gpu)
-    return device
+        device = "metal" if mx.metal.is_available() else "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        raise UserError("device cuda needs the torch backend (backend torch)", param="device")
+    if device == "metal":
+        if not mx.metal.is_available():
+            raise UserError("device metal was asked for, but MLX sees no Metal GPU", param="device")
+        mx.set_default_device(mx.gpu)
+        return "metal"
+    if device != "cpu":
+        raise UserError(f"unknown device {device!r} for MLX (auto, cpu or metal)", param="device")
+    mx.set_default_device(mx.cpu)
+    return "cpu"
 
 
 def load_module(

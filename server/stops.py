@@ -43,10 +43,3 @@ class StopFilter:
                     best = n
                     break
         return best
-
-
-def apply_stops(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Non-streamed form: the text cut before the first stop string, and whether one was found."""
-    f = StopFilter(stops)
-    out = f.feed(text) + f.flush()
-    return out, f.matched

@@ -12,8 +12,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from safetensors import safe_open
 
-from common.checkpoints import checkpoint_files
-from common.errors import CheckpointError, ModelFilesError, UserError
+from common.checkpoints import check_strict, checkpoint_files
+from common.errors import ModelFilesError, UserError
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -70,38 +70,31 @@ def read_safetensors(
 def assign_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Assign `tensors` to the module's parameters and buffers by name; every one must match exactly.
 
-    Raises `CheckpointError` listing every missing key, unexpected key and shape mismatch by name.
+    Raises `CheckpointError` listing every missing key, unexpected key and shape mismatch by name
+    (`common.checkpoints.check_strict`).
     Non-persistent buffers (computed, e.g. RoPE tables) are not expected in the checkpoint.
     """
     expected = dict(module.state_dict(keep_vars=True))
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(
-        f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tuple(expected[k].shape) != tuple(tensors[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
-        if unexpected:
-            parts.append(f"unexpected tensors: {', '.join(unexpected[:20])}" + (" ..." if len(unexpected) > 20 else ""))
-        if mismatched:
-            parts.append(f"shape mismatches: {'; '.join(mismatched[:20])}")
-        raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
+    check_strict({name: value.shape for name, value in expected.items()},
+                 {name: value.shape for name, value in tensors.items()})
     module.load_state_dict(tensors, strict=True, assign=True)
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu. 'metal' is an MLX device and is refused here."""
+    """'auto' -> cuda when available, else cpu; 'cuda:N' picks a GPU. 'metal' belongs to the MLX backend.
+
+    The one device rule of this backend: `torch_ocr.backend` and `load_module` both call it.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA device", param="device")
+    if (device == "cuda" or device.startswith("cuda:")) and not torch.cuda.is_available():
+        raise UserError("device cuda was asked for, but PyTorch sees no CUDA device", param="device")
     if device == "metal":
-        raise UserError("--device metal needs the MLX backend (--backend mlx)", param="device")
-    return torch.device(device)
+        raise UserError("device metal needs the MLX backend (backend mlx)", param="device")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r} for PyTorch (auto, cpu, cuda or cuda:N)", param="device") from None
 
 
 def load_module(

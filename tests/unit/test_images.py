@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,23 @@ def test_decompression_bomb_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses above twice this
     with pytest.raises(ImageError, match="too large"):
         open_image(png(Image.new("RGB", (30, 30))))
+
+
+@pytest.mark.parametrize("as_source", [bytes, io.BytesIO, "path"])
+def test_large_but_allowed_images_give_no_python_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                        as_source) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12x12 = 144 pixels: over the warning size, under 2x
+    data = png(Image.new("RGB", (12, 12)))
+    if as_source == "path":
+        source = tmp_path / "big.png"
+        source.write_bytes(data)
+    else:
+        source = as_source(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        assert open_image(source).size == (12, 12)
+    with pytest.warns(Image.DecompressionBombWarning):  # Pillow itself does warn on the same image
+        Image.open(io.BytesIO(data))
 
 
 def test_to_rgb_converts_in_memory_images_without_exif_step() -> None:

@@ -8,7 +8,7 @@ from PIL import Image
 
 from common.errors import UserError
 from common.prompts import (
-    DEFAULT_PROMPTS, FoldedPrompt, check_placeholders, fold_messages, render_chat_template, render_deepseek,
+    DEFAULT_PROMPTS, FoldedPrompt, check_placeholders, fold_messages, render_deepseek,
     paddle_prompt_text,
 )
 
@@ -119,16 +119,22 @@ def test_paddle_prompt_text_drops_only_leading_placeholders() -> None:
 
 
 def test_paddle_chat_template_matches_rules() -> None:
+    """The live renderer (common.paddleocr_vl.render_prompt) on the checkpoint's template."""
+    from common.paddleocr_vl import render_prompt
+
     template = (REFERENCE / "paddleocr-vl" / "chat_template.jinja").read_text()
     # RULES.md 8: IMAGE_START + placeholder + IMAGE_END, then the task, then "\nAssistant: " with a space.
-    assert render_chat_template(template, "OCR:", 1) == (
+    assert render_prompt(template, [{"type": "image"}, {"type": "text", "text": "OCR:"}]) == (
         "<|begin_of_sentence|>User: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>OCR:\nAssistant: ")
-    assert render_chat_template(template, "hi", 0) == "<|begin_of_sentence|>User: hi\nAssistant: "
+    assert render_prompt(template, [{"type": "text", "text": "hi"}]) == "<|begin_of_sentence|>User: hi\nAssistant: "
 
 
-def test_broken_chat_template_is_a_user_error() -> None:
-    with pytest.raises(UserError, match="chat template"):
-        render_chat_template("{% for x in %}", "x", 0)
+def test_broken_chat_template_is_a_model_files_error() -> None:
+    from common.errors import ModelFilesError
+    from common.paddleocr_vl import render_prompt
+
+    with pytest.raises(ModelFilesError, match="chat template"):
+        render_prompt("{% for x in %}", [{"type": "text", "text": "x"}])
 
 
 def test_default_prompts() -> None:

@@ -11,7 +11,7 @@ from common.errors import ImageError, ModelFilesError, UnknownModelError, UserEr
 from server.errors import AuthError, BusyError, RequestError, openai_error
 from server.formats import ChatFormat, ResponsesFormat, Usage
 from server.schemas import parse_chat, parse_responses
-from server.stops import StopFilter, apply_stops
+from server.stops import StopFilter
 from server.tasks import answer_task, is_task_request
 
 USER = [{"role": "user", "content": "hello"}]
@@ -141,7 +141,8 @@ def test_stop_filter_cuts_at_the_first_stop_across_deltas(deltas, stops, expecte
     f = StopFilter(stops)
     out = "".join(f.feed(d) for d in deltas) + f.flush()
     assert (out, f.matched) == (expected, matched)
-    assert apply_stops("".join(deltas), stops) == (expected, matched)
+    whole = StopFilter(stops)                             # the answer fed in one piece ends at the same place
+    assert (whole.feed("".join(deltas)) + whole.flush(), whole.matched) == (expected, matched)
 
 
 def test_stop_filter_holds_back_only_possible_prefixes() -> None:
