@@ -161,6 +161,55 @@ class DeepseekV2Config:
         return index >= self.first_k_dense_replace and index % self.moe_layer_freq == 0
 
 
+def read_deepseek_v2(root: _Reader, data: dict[str, Any], source: str) -> DeepseekV2Config:
+    """The DeepSeek-V2 decoder of a DeepSeek-OCR(-2) config.json (both models use this block unchanged).
+
+    The decoder keys are repeated at top level and under language_config; the nested copy wins.
+    """
+    lang = root.sub("language_config") if "language_config" in data else root
+    language = DeepseekV2Config(
+        vocab_size=lang.get("vocab_size", int),
+        hidden_size=lang.get("hidden_size", int),
+        intermediate_size=lang.get("intermediate_size", int),
+        moe_intermediate_size=lang.get("moe_intermediate_size", int),
+        num_hidden_layers=lang.get("num_hidden_layers", int),
+        num_attention_heads=lang.get("num_attention_heads", int),
+        num_key_value_heads=lang.get("num_key_value_heads", int),
+        n_routed_experts=lang.get("n_routed_experts", int),
+        n_shared_experts=lang.get("n_shared_experts", int),
+        num_experts_per_tok=lang.get("num_experts_per_tok", int),
+        first_k_dense_replace=lang.get("first_k_dense_replace", int, 0),
+        max_position_embeddings=lang.get("max_position_embeddings", int, 2048),
+        bos_token_id=lang.get("bos_token_id", int, 0),
+        eos_token_id=lang.get("eos_token_id", int, 1),
+        moe_layer_freq=lang.get("moe_layer_freq", int, 1),
+        topk_method=lang.get("topk_method", str, "greedy"),
+        scoring_func=lang.get("scoring_func", str, "softmax"),
+        norm_topk_prob=lang.get("norm_topk_prob", bool, False),
+        routed_scaling_factor=lang.get("routed_scaling_factor", float, 1.0),
+        rms_norm_eps=lang.get("rms_norm_eps", float, 1e-6),
+        rope_theta=lang.get("rope_theta", float, 10000.0),
+        use_mla=lang.get("use_mla", bool, False),
+    )
+    if language.use_mla:
+        raise ConfigError(f"{source}: 'use_mla' true is not supported (DeepSeek-OCR ships without MLA)")
+    if language.topk_method != "greedy" or language.scoring_func != "softmax":
+        raise ConfigError(f"{source}: only topk_method 'greedy' with scoring_func 'softmax' is supported")
+    return language
+
+
+def read_sam(s: _Reader, downsample_channels: tuple[int, ...] | None = None) -> SamConfig:
+    """`vision_config.width.sam_vit_b`; `downsample_channels` replaces the config's when given (OCR-2's is stale)."""
+    return SamConfig(
+        width=s.get("width", int), layers=s.get("layers", int), heads=s.get("heads", int),
+        global_attn_indexes=s.ints("global_attn_indexes"),
+        downsample_channels=downsample_channels or s.ints("downsample_channels"),
+        image_size=s.get("image_size", int, 1024), patch_size=s.get("patch_size", int, 16),
+        window_size=s.get("window_size", int, 14), mlp_ratio=s.get("mlp_ratio", int, 4),
+        out_chans=s.get("out_chans", int, 256),
+    )
+
+
 IGNORED_DEEPSEEK_OCR_KEYS = {
     "_name_or_path", "architectures", "auto_map", "candidate_resolutions", "global_view_pos", "tile_tag",
     "torch_dtype", "transformers_version", "model_type", "language_config",
@@ -189,46 +238,9 @@ class DeepseekOCRConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> DeepseekOCRConfig:
         root = _Reader(data, source)
-        # The decoder keys are repeated at top level and under language_config; the nested copy wins.
-        lang = root.sub("language_config") if "language_config" in data else root
-        language = DeepseekV2Config(
-            vocab_size=lang.get("vocab_size", int),
-            hidden_size=lang.get("hidden_size", int),
-            intermediate_size=lang.get("intermediate_size", int),
-            moe_intermediate_size=lang.get("moe_intermediate_size", int),
-            num_hidden_layers=lang.get("num_hidden_layers", int),
-            num_attention_heads=lang.get("num_attention_heads", int),
-            num_key_value_heads=lang.get("num_key_value_heads", int),
-            n_routed_experts=lang.get("n_routed_experts", int),
-            n_shared_experts=lang.get("n_shared_experts", int),
-            num_experts_per_tok=lang.get("num_experts_per_tok", int),
-            first_k_dense_replace=lang.get("first_k_dense_replace", int, 0),
-            max_position_embeddings=lang.get("max_position_embeddings", int, 2048),
-            bos_token_id=lang.get("bos_token_id", int, 0),
-            eos_token_id=lang.get("eos_token_id", int, 1),
-            moe_layer_freq=lang.get("moe_layer_freq", int, 1),
-            topk_method=lang.get("topk_method", str, "greedy"),
-            scoring_func=lang.get("scoring_func", str, "softmax"),
-            norm_topk_prob=lang.get("norm_topk_prob", bool, False),
-            routed_scaling_factor=lang.get("routed_scaling_factor", float, 1.0),
-            rms_norm_eps=lang.get("rms_norm_eps", float, 1e-6),
-            rope_theta=lang.get("rope_theta", float, 10000.0),
-            use_mla=lang.get("use_mla", bool, False),
-        )
-        if language.use_mla:
-            raise ConfigError(f"{source}: 'use_mla' true is not supported (DeepSeek-OCR ships without MLA)")
-        if language.topk_method != "greedy" or language.scoring_func != "softmax":
-            raise ConfigError(f"{source}: only topk_method 'greedy' with scoring_func 'softmax' is supported")
+        language = read_deepseek_v2(root, data, source)
         width = root.sub("vision_config").sub("width")
-        s = width.sub("sam_vit_b")
-        sam = SamConfig(
-            width=s.get("width", int), layers=s.get("layers", int), heads=s.get("heads", int),
-            global_attn_indexes=s.ints("global_attn_indexes"),
-            downsample_channels=s.ints("downsample_channels"),
-            image_size=s.get("image_size", int, 1024), patch_size=s.get("patch_size", int, 16),
-            window_size=s.get("window_size", int, 14), mlp_ratio=s.get("mlp_ratio", int, 4),
-            out_chans=s.get("out_chans", int, 256),
-        )
+        sam = read_sam(width.sub("sam_vit_b"))
         c = width.sub("clip-l-14-224")
         clip = ClipConfig(
             width=c.get("width", int), layers=c.get("layers", int), heads=c.get("heads", int),
@@ -253,6 +265,82 @@ class DeepseekOCRConfig:
             "vision_config", "projector_config", "lm_head", "rm_head", "kv_lora_rank", "q_lora_rank",
             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group"}
         root.warn_unknown(known_top)
+        return cfg
+
+
+# ----------------------------------------------------------------------------------------------- DeepSeek-OCR-2
+
+#: The Qwen2-0.5B encoder sizes of the official `qwen2_d2e.py`; config.json states only `dim`.
+QWEN2_ENCODER_DEFAULTS = {"layers": 24, "heads": 14, "kv_heads": 2, "intermediate_size": 4864}
+
+
+@dataclass(frozen=True)
+class Qwen2EncoderConfig:
+    """The Qwen2 visual encoder (`vision_config.width["qwen2-0-5b"]`): causal-LM layers used as an encoder."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    # Hard-coded in the official encoder, not in config.json.
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class DeepseekOCR2Config:
+    """DeepSeek-OCR-2 (`deepseek-ai/DeepSeek-OCR-2` config.json): SAM + Qwen2 encoder + DeepSeek-V2 decoder."""
+
+    sam: SamConfig
+    encoder: Qwen2EncoderConfig
+    language: DeepseekV2Config
+    projector_input_dim: int
+    projector_type: str
+    n_embed: int
+    image_token_id: int = 128815
+    #: Learned query banks (checkpoint name, rows): one per view size, 768 px tiles and the 1024 px global view.
+    query_banks: tuple[tuple[str, int], ...] = (("query_768", 144), ("query_1024", 256))
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> DeepseekOCR2Config:
+        return cls.from_dict(_load_json(Path(path)), str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config.json") -> DeepseekOCR2Config:
+        root = _Reader(data, source)
+        language = read_deepseek_v2(root, data, source)
+        width = root.sub("vision_config").sub("width")
+        q = width.sub("qwen2-0-5b")
+        encoder = Qwen2EncoderConfig(
+            hidden_size=q.get("dim", int),
+            num_hidden_layers=q.get("layers", int, QWEN2_ENCODER_DEFAULTS["layers"]),
+            num_attention_heads=q.get("heads", int, QWEN2_ENCODER_DEFAULTS["heads"]),
+            num_key_value_heads=q.get("kv_heads", int, QWEN2_ENCODER_DEFAULTS["kv_heads"]),
+            intermediate_size=q.get("intermediate_size", int, QWEN2_ENCODER_DEFAULTS["intermediate_size"]),
+        )
+        s = width.sub("sam_vit_b")
+        # The second downsample width in config.json (1024) is stale: net_3 outputs the encoder width.
+        sam = read_sam(s, (s.ints("downsample_channels")[0], encoder.hidden_size))
+        p = root.sub("projector_config")
+        cfg = cls(sam=sam, encoder=encoder, language=language, projector_input_dim=p.get("input_dim", int),
+                  projector_type=p.get("projector_type", str), n_embed=p.get("n_embed", int), source=source)
+        if cfg.projector_type != "linear":
+            raise ConfigError(f"{source}: 'projector_config.projector_type' must be 'linear', got {cfg.projector_type!r}")
+        if cfg.projector_input_dim != encoder.hidden_size:
+            raise ConfigError(f"{source}: 'projector_config.input_dim' must equal the Qwen2 encoder width")
+        if cfg.n_embed != language.hidden_size:
+            raise ConfigError(f"{source}: 'projector_config.n_embed' must equal the decoder hidden_size")
+        if encoder.num_attention_heads % encoder.num_key_value_heads:
+            raise ConfigError(f"{source}: the Qwen2 encoder's heads must be a multiple of its kv_heads")
+        root.warn_unknown(IGNORED_DEEPSEEK_OCR_KEYS | set(DeepseekV2Config.__dataclass_fields__) | {
+            "vision_config", "projector_config", "lm_head", "rm_head", "kv_lora_rank", "q_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_group", "topk_group"})
         return cfg
 
 

@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from common.errors import ConfigError, UserError
-from common.models import family_ids, family_of_model_type, get_family
+from common.models import family_ids, family_of_config, get_family
 
 MARKER_KEY = "quantization"
 BITS = (4, 8)
@@ -128,7 +128,7 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
 def _kind_of(raw: dict[str, Any], model_dir: Path) -> str:
     """The model id whose family claims config.json's `model_type`."""
     model_type = str(raw.get("model_type", ""))
-    family = family_of_model_type(model_type)
+    family = family_of_config(raw)
     if family is None:
         raise UserError(f"{model_dir}/config.json: cannot tell the model from model_type {model_type!r} "
                         f"(known models: {', '.join(family_ids())})")

@@ -55,3 +55,9 @@ def paddle15_tiny() -> Path:
 def glm_tiny() -> Path:
     """Directory of a tiny GLM-OCR snapshot (real names, stand-in tokenizer with real special ids)."""
     return _build_cached("glm-ocr", "ckpt_glm_ocr.py")
+
+
+@pytest.fixture(scope="session")
+def deepseek2_tiny() -> Path:
+    """Directory of a tiny DeepSeek-OCR-2 snapshot (real names and config structure, DeepSeek-OCR's tokenizer)."""
+    return _build_cached("deepseek-ocr-2", "ckpt_deepseek_ocr2.py")

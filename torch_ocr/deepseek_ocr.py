@@ -382,22 +382,36 @@ class DecoderLayer(DecoderBlock):
 
 # ----------------------------------------------------------------------------------------------- top model
 
-class DeepseekOCRModel(nn.Module):
-    """`model.*` of the checkpoint: vision towers, projector, layout vectors and the decoder stack."""
+class DeepseekV2Model(nn.Module):
+    """The decoder half of `model.*` (embed_tokens, layers, norm), shared with DeepSeek-OCR-2."""
 
-    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+    def __init__(self, lm: DeepseekV2Config) -> None:
         super().__init__()
-        lm = cfg.language
-        self.sam_model = SamEncoder(cfg.sam)
-        self.vision_model = ClipVisionModel(cfg.clip)
-        self.projector = Projector(cfg)
-        self.image_newline = nn.Parameter(torch.empty(cfg.n_embed))
-        self.view_seperator = nn.Parameter(torch.empty(cfg.n_embed))
         self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(lm, i) for i in range(lm.num_hidden_layers))
         self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
         # Computed, not loaded: `load` fills it on the real device after the meta build.
         self.register_buffer("rope_inv_freq", torch.empty(lm.head_dim // 2), persistent=False)
+
+    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
+        """(B, L, D) embeddings at (B, L) positions -> final-normed hidden states (B, L, D)."""
+        cos, sin = rope_tables(self.rope_inv_freq, positions, embeds.dtype)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[i])
+        return self.norm(x)
+
+
+class DeepseekOCRModel(DeepseekV2Model):
+    """`model.*` of the checkpoint: the decoder stack, vision towers, projector and layout vectors."""
+
+    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+        super().__init__(cfg.language)
+        self.sam_model = SamEncoder(cfg.sam)
+        self.vision_model = ClipVisionModel(cfg.clip)
+        self.projector = Projector(cfg)
+        self.image_newline = nn.Parameter(torch.empty(cfg.n_embed))
+        self.view_seperator = nn.Parameter(torch.empty(cfg.n_embed))
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) views -> (B, n*n, hidden): [CLIP without CLS, SAM] through the projector (rule 9)."""
@@ -409,14 +423,6 @@ class DeepseekOCRModel(nn.Module):
         """(rows, cols, D) -> (rows * (cols + 1), D): `image_newline` at the end of every row."""
         rows, _, d = grid.shape
         return torch.cat([grid, self.image_newline.expand(rows, 1, d)], dim=1).reshape(-1, d)
-
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, caches: list[KVCache] | None) -> torch.Tensor:
-        """(B, L, D) embeddings at (B, L) positions -> final-normed hidden states (B, L, D)."""
-        cos, sin = rope_tables(self.rope_inv_freq, positions, embeds.dtype)
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if caches is None else caches[i])
-        return self.norm(x)
 
 
 def _views(inputs: DeepseekOCRInputs) -> list[np.ndarray]:
@@ -432,10 +438,12 @@ def _views(inputs: DeepseekOCRInputs) -> list[np.ndarray]:
 class DeepseekOCRForCausalLM(CausalLM):
     """The whole model; implements the shared model protocol (encode_images, prefill, step, make_cache)."""
 
-    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+    model_class: type[DeepseekV2Model] = DeepseekOCRModel  # DeepSeek-OCR-2 swaps in its own `model.*`
+
+    def __init__(self, cfg: Any) -> None:
         super().__init__(cfg.language)
         self.config = cfg
-        self.model = DeepseekOCRModel(cfg)
+        self.model = self.model_class(cfg)
 
     def _pixels(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device=self.device, dtype=self.dtype)
@@ -480,7 +488,10 @@ class DeepseekOCRForCausalLM(CausalLM):
             n = int(round(glob.shape[1] ** 0.5))
             pieces.append(m.with_newlines(glob.view(n, n, -1)))
             pieces.append(m.view_seperator[None])
-        embeds = torch.cat(pieces, dim=0)
+        return self._checked(inputs, torch.cat(pieces, dim=0))
+
+    def _checked(self, inputs: DeepseekOCRInputs, embeds: torch.Tensor) -> torch.Tensor:
+        """`embeds`, after checking there is one per image token of the prompt."""
         expected = int(np.count_nonzero(inputs.input_ids == self.config.image_token_id))
         if embeds.shape[0] != expected:
             raise ValueError(f"the images give {embeds.shape[0]} embeddings but the prompt has {expected} image "

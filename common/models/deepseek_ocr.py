@@ -45,6 +45,10 @@ class DeepseekOCR(ModelFamily):
     def max_positions(self, config_path: Path) -> int:
         return DeepseekOCRConfig.from_file(config_path).language.max_position_embeddings
 
+    def matches_config(self, config: Mapping[str, Any]) -> bool:
+        # DeepSeek-OCR-2 shares the model_type; its vision tower is a Qwen2 encoder where this one has CLIP.
+        return not has_qwen2_encoder(config)
+
     def generation_defaults(self, generation_config: Mapping[str, Any]) -> SamplingOptions:
         # The official infer() decodes greedily with no_repeat_ngram_size=20, whatever generation_config says.
         return SamplingOptions(do_sample=False, no_repeat_ngram_size=20)
@@ -68,6 +72,13 @@ class DeepseekOCR(ModelFamily):
         base_size, image_size, crop_mode = self.image_sizes(settings)
         return deepseek_ocr.build_inputs(prompt, images, encoder, base_size=base_size, image_size=image_size,
                                          crop_mode=crop_mode)
+
+
+def has_qwen2_encoder(config: Mapping[str, Any]) -> bool:
+    """True for a DeepSeek-OCR-2 config.json: `vision_config.width` names the "qwen2-0-5b" encoder."""
+    vision = config.get("vision_config")
+    width = vision.get("width") if isinstance(vision, dict) else None
+    return isinstance(width, dict) and "qwen2-0-5b" in width
 
 
 FAMILY = DeepseekOCR()

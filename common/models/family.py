@@ -116,6 +116,11 @@ class ModelFamily:
         """True when config.json's `model_type` is one of this family's (exact or as a prefix)."""
         return any(model_type == name or model_type.startswith(name) for name in self.model_types)
 
+    def matches_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether a config.json whose `model_type` matched is this family's: True unless two families share a
+        model_type (DeepSeek-OCR and DeepSeek-OCR-2 both say "deepseek_vl_v2") and the rest must tell them apart."""
+        return True
+
     # -------------------------------------------------------------------------------------- load time
     def max_positions(self, config_path: Path) -> int:
         """The decoder's context length from config.json (the KV cache is sized from it per request)."""
