@@ -215,3 +215,27 @@ def test_constructor_mistakes(deepseek_tiny: Path, config: Path) -> None:
         OCR("paddleocr-vl", config=config, load=False, mode="tiny")
     with pytest.raises(UserError, match="backend"):
         OCR(model_dir=deepseek_tiny, config=config, load=False, backend="jax")
+
+
+def test_api_errors_name_keyword_arguments_not_flags(deepseek_tiny: Path, paddle_tiny: Path, config: Path,
+                                                     tmp_path: Path) -> None:
+    cases = [
+        (dict(model="deepseek-ocr", model_dir=paddle_tiny), r"^model_dir: .* use model='paddleocr-vl'$"),
+        (dict(mode="tiny", base_size=640), r"^mode is a preset of base_size"),
+        (dict(model_dir=tmp_path / "absent", load=True), r"\(model_dir\)$"),
+        (dict(config=tmp_path / "absent.toml"), r"^config: .*absent\.toml does not exist"),
+    ]
+    for kwargs, words in cases:
+        kwargs = {"config": config, "load": False, **kwargs}
+        with pytest.raises(UserError, match=words) as caught:
+            OCR(**kwargs)
+        assert "--" not in str(caught.value), str(caught.value)
+
+
+def test_api_sampling_without_do_sample_warns_in_keyword_terms(unloaded: OCR, page: Image.Image,
+                                                               caplog) -> None:
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        unloaded._request(page, None, {"temperature": 0.4})       # checked before any model work
+        unloaded._request(page, None, {"temperature": 0.4, "do_sample": True})
+    (record,) = caplog.records
+    assert record.getMessage().startswith("temperature is ignored") and "do_sample=True" in record.getMessage()

@@ -328,8 +328,33 @@ def test_tampered_huggingface_cache_is_not_trusted(isolated: Path) -> None:
     storage = _fill_hf_cache(isolated / "hf-home", {k: v for k, v in SNAPSHOT.items() if k in WANTED})
     blob = storage / "blobs" / hashlib.sha256(WEIGHTS).hexdigest()
     blob.write_bytes(bytes(len(WEIGHTS)))
-    with pytest.raises(ModelFilesError, match="could not be downloaded"):
+    with pytest.raises(ModelFilesError, match="could not be downloaded") as caught:
         resolve()
+    # The way out names the hub environment variables and the local-file flags.
+    for name in ("HF_ENDPOINT", "MODELSCOPE_ENDPOINT", "HF_HUB_OFFLINE", "--model-dir", "--model-config"):
+        assert name in str(caught.value), name
+
+
+def test_offline_error_names_the_mirror_variables(hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, hf=hub.url, ms=hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelFilesError, match="HF_ENDPOINT / MODELSCOPE_ENDPOINT") as caught:
+        resolve()
+    assert "--model-dir" in str(caught.value)
+
+
+def test_local_file_errors_are_spelled_for_the_caller(tmp_path: Path) -> None:
+    from common.config import keyword_spelling
+
+    entry = ModelEntry(model_dir=tmp_path / "nowhere", spell=keyword_spelling)
+    with pytest.raises(ModelFilesError, match=r"model folder not found: .*nowhere \(model_dir\)$"):
+        resolve_model_files(MODEL, entry)
+    folder = _local_snapshot(tmp_path / "snap")
+    (folder / "config.json").unlink()
+    with pytest.raises(ModelFilesError, match=r"\(set model_config or model_dir\)$"):
+        resolve_model_files(MODEL, ModelEntry(model_dir=folder, spell=keyword_spelling))
+    with pytest.raises(ModelFilesError, match=r"\(set --model-config or --model-dir\)$"):
+        resolve_model_files(MODEL, ModelEntry(model_dir=folder))
 
 
 # ------------------------------------------------------------------------------------------------ failures

@@ -272,3 +272,96 @@ def test_sampling_keys_stay_unset_until_given(cfg: Path) -> None:
     assert inference.sampling(model).no_repeat_ngram_size == 0                      # unset: the model's default
     given = load_settings(cfg, {"no_repeat_ngram_size": "20"}).inference
     assert given.sampling(model).no_repeat_ngram_size == 20                          # given: kept, even if built-in
+
+
+# ------------------------------------------------------------------------------------------- settings as typed
+def test_an_unwritable_config_dir_runs_on_the_defaults_with_one_warning(tmp_path: Path, monkeypatch,
+                                                                        caplog) -> None:
+    home = tmp_path / "readonly-home"
+    home.mkdir()
+    target = home / "deepseek-ocr" / "config.toml"
+    monkeypatch.setattr(config, "default_config_path", lambda: target)
+
+    def refuse(self, *args, **kwargs):  # a read-only home (chmod is no test as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        settings = load_settings(None, {"max_new_tokens": "9"})
+    assert settings.inference.max_new_tokens == 9 and settings.server == ServerSettings()
+    assert not target.exists()
+    (record,) = caplog.records
+    assert "cannot create" in record.getMessage() and "built-in defaults" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+@pytest.mark.parametrize("flags, warned", [
+    ({"temperature": "0.7"}, "--temperature is ignored"),
+    ({"top_p": "0.9", "top_k": "5"}, "--top-p, --top-k are ignored"),
+    ({"do_sample": "false", "top_k": "5"}, "--top-k is ignored"),
+])
+def test_sampling_flags_without_do_sample_warn_once(cfg: Path, caplog, flags: dict, warned: str) -> None:
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        load_settings(cfg, flags)
+    (record,) = caplog.records
+    assert record.getMessage().startswith(warned) and "add --do-sample true" in record.getMessage()
+
+
+@pytest.mark.parametrize("flags", [{"temperature": "0.7", "do_sample": "true"}, {"temperature": "0"},
+                                   {"top_p": "1.0", "top_k": "0"}, {}])
+def test_no_warning_when_nothing_is_ignored(cfg: Path, caplog, flags: dict) -> None:
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        load_settings(cfg, flags)
+    assert not caplog.records
+
+
+def test_a_sampling_key_in_the_file_is_named_with_the_file(cfg: Path, caplog) -> None:
+    write(cfg, "[inference]\ntemperature = 0.5\n")
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        load_settings(cfg)
+    assert caplog.records[0].getMessage().startswith(f"temperature ({cfg}) is ignored")
+
+
+def test_keyword_spelling_in_warnings_and_errors(cfg: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="deepseek_ocr.config"):
+        load_settings(cfg, {"top_k": 3}, spell=config.keyword_spelling)
+    assert caplog.records[0].getMessage().startswith("top_k is ignored") and "do_sample=True" in \
+        caplog.records[0].getMessage()
+    with pytest.raises(UserError, match=r"^max_new_tokens: "):
+        load_settings(cfg, {"max_new_tokens": "many"}, spell=config.keyword_spelling)
+    with pytest.raises(UserError, match=r"^mode is a preset of base_size"):
+        load_settings(cfg, {"mode": "tiny", "base_size": 640}, spell=config.keyword_spelling)
+    with pytest.raises(UnknownModelError, match=r"^model: unknown model"):
+        load_settings(cfg, {"model": "x"}, spell=config.keyword_spelling)
+
+
+def _snapshot(folder: Path, model_type: str, architectures: list[str] | None = None) -> Path:
+    folder.mkdir(parents=True)
+    body = {"model_type": model_type, **({"architectures": architectures} if architectures else {})}
+    (folder / "config.json").write_text(__import__("json").dumps(body), encoding="utf-8")
+    return folder
+
+
+def test_a_model_dir_of_another_model_is_picked_when_no_model_is_given(cfg: Path, tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "paddle", "paddleocr_vl")
+    settings = load_settings(cfg, {"model_dir": str(snap)})
+    assert settings.active_model == "paddleocr-vl" and settings.entry().model_dir == snap
+    assert settings.models["deepseek-ocr"] == ModelEntry()
+    config_flag = load_settings(cfg, {"model_config": str(snap / "config.json")})
+    assert config_flag.active_model == "paddleocr-vl"
+
+
+def test_a_model_dir_that_contradicts_the_model_flag_names_both(cfg: Path, tmp_path: Path) -> None:
+    snap = _snapshot(tmp_path / "paddle", "paddleocr_vl", ["PaddleOCRVLForConditionalGeneration"])
+    with pytest.raises(UserError, match=r"^--model-dir: .*paddle holds a PaddleOCR-VL checkpoint \(model_type "
+                                        r"'paddleocr_vl', architectures \['PaddleOCRVLForConditionalGeneration'\]\),"
+                                        r" not DeepSeek-OCR; use --model paddleocr-vl$"):
+        load_settings(cfg, {"model": "deepseek-ocr", "model_dir": str(snap)})
+    with pytest.raises(UserError, match=r"^model_dir: .*; use model='paddleocr-vl'$"):
+        load_settings(cfg, {"model": "deepseek-ocr", "model_dir": str(snap)}, spell=config.keyword_spelling)
+    unknown = _snapshot(tmp_path / "llama", "llama")
+    with pytest.raises(UserError, match=r"not a checkpoint of a known model \(model_type 'llama'"):
+        load_settings(cfg, {"model_dir": str(unknown)})
+    # The matching model, and a folder whose config.json cannot tell, load as given.
+    assert load_settings(cfg, {"model": "paddleocr-vl", "model_dir": str(snap)}).active_model == "paddleocr-vl"
+    assert load_settings(cfg, {"model_dir": str(tmp_path / "absent")}).active_model == "deepseek-ocr"
