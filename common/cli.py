@@ -443,7 +443,8 @@ def convert(output: str | None = None, quantize: str | None = None, group_size: 
 
 
 def render(text_file: Sequence[str] = (), image: Sequence[str] = (), output_dir: str | None = None,
-           format: str = "text", overwrite: str | bool = False, page: str = "1", label: str = "text") -> None:
+           format: str = "text", overwrite: str | bool = False, page: str = "1", label: str = "text",
+           config: str | None = None) -> None:
     """`deepseek-ocr-cli render RAW.txt --image PAGE [--output-dir DIR]`: the post-processing of a run (Markdown,
     blocks in page pixels, annotated page, figure crops) on model text produced elsewhere; no model loads."""
     from .cli_documents import render as render_page  # noqa: PLC0415

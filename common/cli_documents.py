@@ -95,7 +95,7 @@ def ocr_documents(settings: Any, names: list[str], prompt: str, overrides: dict[
     writer = _writer(settings, prompt, overrides, resolution, options)
     if writer is not None:
         writer.check(docs)
-    _Run(settings, docs, prompt, overrides, task, options, writer, failed).go()
+    _Run(settings, docs, prompt, overrides, task, options, writer, failed, multi=len(found) > 1).go()
 
 
 def _writer(settings: Any, prompt: str, overrides: dict[str, Any], dpi: int, options: RunOptions) -> Any:
@@ -115,11 +115,12 @@ class _Run:
     """One documents run: jobs in, pages out (printed, written, counted)."""
 
     def __init__(self, settings: Any, docs: list[Any], prompt: str, overrides: dict[str, Any], task: str | None,
-                 options: RunOptions, writer: Any, failed: list[tuple[str, int | None, str]]) -> None:
+                 options: RunOptions, writer: Any, failed: list[tuple[str, int | None, str]], *,
+                 multi: bool) -> None:
         self.settings, self.docs, self.prompt, self.overrides = settings, docs, prompt, overrides
         self.options, self.writer, self.failed = options, writer, failed
         self.plain_label = task or "text"
-        self.multi = len(docs) > 1
+        self.multi = multi  # several inputs: every page names its document
         self.results: list[Any] = []
         self.records: dict[str, list[dict[str, Any]]] = {doc.input.out_name: [] for doc in docs}
         self.flagged: list[str] = []
@@ -288,7 +289,7 @@ class _Run:
         def document(doc: Any) -> dict[str, Any]:
             return {"input": doc.name, "page_count": doc.page_count, "pages": self.records[doc.input.out_name]}
 
-        data: dict[str, Any] = document(self.docs[0]) if len(self.docs) == 1 else {
+        data: dict[str, Any] = document(self.docs[0]) if not self.multi else {
             "documents": [document(doc) for doc in self.docs]}
         data["failed"] = [{"input": name, "page": n, "error": m} for name, n, m in self.failed]
         data["flagged"] = self.flagged
@@ -319,7 +320,7 @@ class _Run:
             print(f"results in {self.options.output_dir}", file=sys.stderr)
 
     def _page_count(self) -> int:
-        return self.docs[0].page_count if len(self.docs) == 1 else self.total
+        return self.docs[0].page_count if not self.multi else self.total
 
 
 def render(text_file: str, image: str, output_dir: str | None, out_format: str, overwrite: bool,
