@@ -38,8 +38,16 @@ def _numpy() -> Backend:
     return Backend("numpy", reference, lambda a: a, lambda a: a)
 
 
-@pytest.fixture(params=["numpy", "torch", "mlx"])
+@pytest.fixture(params=["torch", "mlx"])
 def backend(request: pytest.FixtureRequest) -> Backend:
+    """A backend under test; what it returns is compared with the NumPy reference (never the reference with
+    itself: the reference's own tests against transformers are tests/unit/test_sampling.py)."""
+    return {"torch": _torch, "mlx": _mlx}[request.param]()
+
+
+@pytest.fixture(params=["numpy", "torch", "mlx"])
+def sampler_of(request: pytest.FixtureRequest) -> Backend:
+    """Every implementation, for properties each must have on its own (seeded repeats, the distribution, RNG)."""
     return {"numpy": _numpy, "torch": _torch, "mlx": _mlx}[request.param]()
 
 
@@ -126,19 +134,41 @@ def test_temperature(backend: Backend) -> None:
                                reference.apply_temperature(x, 0.6), rtol=1e-6)
 
 
-def test_greedy_sampler(backend: Backend) -> None:
+@pytest.mark.parametrize("options", [
+    SamplingOptions(do_sample=True, temperature=0.7, top_k=30, top_p=0.8),
+    SamplingOptions(do_sample=True, temperature=1.6, top_p=0.5),
+    SamplingOptions(do_sample=True, temperature=1.0, top_k=5),
+], ids=["all_three", "temperature_top_p", "top_k"])
+@pytest.mark.parametrize("seed", range(3))
+def test_warper_chain_matches_reference(backend: Backend, options: SamplingOptions, seed: int) -> None:
+    """The backend's warpers, applied in its order, keep the reference's ids with the reference's values."""
+    x = _logits(seed)
+    want = x
+    for warp in reference.make_warpers(options):
+        want = warp(want)
+    got = backend.to(x.copy())
+    for warp in backend.module.make_warpers(options):
+        got = warp(got)
+    got = backend.back(got)
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+    assert not np.isfinite(want).all(), "each case must drop some ids"
+    kept = np.isfinite(want)
+    np.testing.assert_allclose(got[kept], want[kept], rtol=1e-6)
+
+
+def test_greedy_sampler(sampler_of: Backend) -> None:
     x = _logits(4, batch=5)
-    sample = backend.module.make_sampler(SamplingOptions(do_sample=False, temperature=3.0))
-    assert backend.back(sample(backend.to(x))).astype(np.int64).tolist() == x.argmax(-1).tolist()
+    sample = sampler_of.module.make_sampler(SamplingOptions(do_sample=False, temperature=3.0))
+    assert sampler_of.back(sample(sampler_of.to(x))).astype(np.int64).tolist() == x.argmax(-1).tolist()
 
 
-def test_seeded_sampling_repeats(backend: Backend) -> None:
+def test_seeded_sampling_repeats(sampler_of: Backend) -> None:
     x = _logits(6, batch=3)
     options = SamplingOptions(do_sample=True, temperature=1.3, top_k=40, top_p=0.9, seed=1234)
     runs = []
     for _ in range(2):
-        sample = backend.module.make_sampler(options)
-        runs.append([backend.back(sample(backend.to(x))).astype(np.int64).tolist() for _ in range(15)])
+        sample = sampler_of.module.make_sampler(options)
+        runs.append([sampler_of.back(sample(sampler_of.to(x))).astype(np.int64).tolist() for _ in range(15)])
     assert runs[0] == runs[1]
     allowed = np.isfinite(reference.apply_top_p(reference.apply_top_k(x / np.float32(1.3), 40), 0.9))
     for draw in runs[0]:
@@ -146,25 +176,25 @@ def test_seeded_sampling_repeats(backend: Backend) -> None:
     assert len({tuple(d) for d in runs[0]}) > 1
 
 
-def test_sampling_follows_the_distribution(backend: Backend) -> None:
+def test_sampling_follows_the_distribution(sampler_of: Backend) -> None:
     """Frequencies of 4000 draws over 3 ids land near softmax(logits / T) (a loose 4-sigma bound)."""
     x = np.full((1, V), -np.inf, dtype=np.float32)
     x[0, :3] = [0.0, 1.0, 2.0]
-    sample = backend.module.make_sampler(SamplingOptions(do_sample=True, temperature=2.0, seed=5))
-    batch = backend.to(np.repeat(x, 4000, axis=0))
-    counts = np.bincount(backend.back(sample(batch)).astype(np.int64), minlength=3)[:3] / 4000
+    sample = sampler_of.module.make_sampler(SamplingOptions(do_sample=True, temperature=2.0, seed=5))
+    batch = sampler_of.to(np.repeat(x, 4000, axis=0))
+    counts = np.bincount(sampler_of.back(sample(batch)).astype(np.int64), minlength=3)[:3] / 4000
     p = np.exp(x[0, :3] / 2.0) / np.exp(x[0, :3] / 2.0).sum()
     assert np.all(np.abs(counts - p) < 4 * np.sqrt(p * (1 - p) / 4000))
 
 
-def test_sampling_leaves_the_global_rng_alone(backend: Backend) -> None:
+def test_sampling_leaves_the_global_rng_alone(sampler_of: Backend) -> None:
     """Per-request generators only: a draw neither reads nor advances the framework's global RNG."""
     x = _logits(8)
-    if backend.name == "torch":
+    if sampler_of.name == "torch":
         import torch
         read = lambda: torch.get_rng_state().clone()  # noqa: E731
         same = lambda a, b: bool(torch.equal(a, b))  # noqa: E731
-    elif backend.name == "mlx":
+    elif sampler_of.name == "mlx":
         import mlx.core as mx
         read = lambda: np.array(mx.random.state[0])  # noqa: E731
         same = lambda a, b: bool(np.array_equal(a, b))  # noqa: E731
@@ -173,6 +203,6 @@ def test_sampling_leaves_the_global_rng_alone(backend: Backend) -> None:
         same = lambda a, b: bool(np.array_equal(a, b))  # noqa: E731
     before = read()
     for seed in (None, 3):
-        sample = backend.module.make_sampler(SamplingOptions(do_sample=True, temperature=1.0, seed=seed))
-        backend.back(sample(backend.to(x)))
+        sample = sampler_of.module.make_sampler(SamplingOptions(do_sample=True, temperature=1.0, seed=seed))
+        sampler_of.back(sample(sampler_of.to(x)))
     assert same(before, read())

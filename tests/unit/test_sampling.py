@@ -132,3 +132,22 @@ def test_top_k_one_sampling_is_greedy() -> None:
 def test_bad_options_are_user_errors(bad: dict) -> None:
     with pytest.raises(UserError):
         check_options(SamplingOptions(**bad))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_warper_order_matches_transformers(seed: int) -> None:
+    """`make_warpers` chains temperature -> top-k -> top-p as transformers' generate does; the order matters
+    (top-p after a temperature keeps another set than before it)."""
+    from common.sampling import make_warpers
+
+    x, h = _logits(seed), _history(seed)
+    options = SamplingOptions(do_sample=True, temperature=2.5, top_k=20, top_p=0.6)
+    want = x
+    for processor in (lp.TemperatureLogitsWarper(2.5), lp.TopKLogitsWarper(20), lp.TopPLogitsWarper(0.6)):
+        want = _hf(processor, h, want)
+    got = x
+    for warp in make_warpers(options):
+        got = warp(got)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    swapped = apply_temperature(apply_top_p(apply_top_k(x, 20), 0.6), 2.5)
+    assert not np.array_equal(np.isfinite(swapped), np.isfinite(want)), "the case must tell the orders apart"
