@@ -254,9 +254,16 @@ class PaddleOCRVL(CausalLM):
         if inputs.image_grid_thw.shape[0] == 0:
             return None
         grids = [tuple(int(v) for v in g) for g in inputs.image_grid_thw]
-        patches = mx.array(inputs.pixel_values)
-        features = self.visual.vision_model(patches, grids)
-        return self.mlp_AR(features, grids)
+        return self._vision(mx.array(inputs.pixel_values), grids)
+
+    def _vision(self, patches: mx.array, grids: list[tuple[int, int, int]]) -> mx.array:
+        """Patches of every image, concatenated -> their merged tokens (N_image_tokens, hidden)."""
+        return self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The text model the four calls drive (`model`): `embed_tokens` and __call__(x, positions, caches)."""
+        return self.model
 
     def encode_images_batch(self, batch: list[PaddleOCRVLInputs]) -> list[mx.array | None]:
         """`encode_images` of several prompts in one pass: their patches concatenated (the tower already keeps
@@ -265,7 +272,7 @@ class PaddleOCRVL(CausalLM):
         if not grids:
             return [None] * len(batch)
         patches = mx.array(np.concatenate([inputs.pixel_values for inputs in batch]))
-        merged = self.mlp_AR(self.visual.vision_model(patches, grids), grids)
+        merged = self._vision(patches, grids)
         merge = self.config.vision.spatial_merge_size ** 2
         counts = [sum(int(t * h * w) // merge for t, h, w in inputs.image_grid_thw) for inputs in batch]
         parts = mx.split(merged, np.cumsum(counts)[:-1].tolist())
@@ -279,7 +286,7 @@ class PaddleOCRVL(CausalLM):
         """(1, vocab) float32 logits at the last prompt position; image embeddings replace the placeholders in
         order. `cache=None` is a plain full forward."""
         ids = np.asarray(inputs.input_ids, dtype=np.int64)
-        x = self.model.embed_tokens(mx.array(ids))
+        x = self.decoder.embed_tokens(mx.array(ids))
         slots = np.flatnonzero(ids == inputs.image_token_id)
         count = 0 if image_embeds is None else image_embeds.shape[0]
         if slots.size != count:
@@ -287,14 +294,14 @@ class PaddleOCRVL(CausalLM):
         if image_embeds is not None:
             x[mx.array(slots)] = image_embeds.astype(x.dtype)
         positions = mx.array(inputs.position_ids)[:, None]  # (3, 1, L)
-        hidden = self.model(x[None], positions, cache)
+        hidden = self.decoder(x[None], positions, cache)
         return self._logits(hidden[:, -1])
 
     def step(self, token_ids: mx.array, positions: mx.array, cache: list[KVCache]) -> mx.array:
         """One token per sequence: token_ids (B,), positions (B,) used on all three axes -> (B, vocab) float32."""
-        x = self.model.embed_tokens(token_ids)[:, None]  # (B, 1, D)
+        x = self.decoder.embed_tokens(token_ids)[:, None]  # (B, 1, D)
         pos = mx.broadcast_to(positions.reshape(1, -1, 1), (3, positions.shape[0], 1))
-        hidden = self.model(x, pos, cache)
+        hidden = self.decoder(x, pos, cache)
         return self._logits(hidden[:, -1])
 
 
