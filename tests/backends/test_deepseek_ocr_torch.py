@@ -68,6 +68,7 @@ def test_load_gives_real_tensors_in_the_asked_dtype(model: ds.DeepseekOCRForCaus
     assert not torch.is_grad_enabled() or not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_load_bfloat16(deepseek_tiny: Path, model: ds.DeepseekOCRForCausalLM, encoded) -> None:
     half = ds.load(deepseek_tiny / "config.json", deepseek_tiny, dtype="bfloat16", device="cpu")
     assert half.dtype == torch.bfloat16
@@ -195,6 +196,7 @@ def _greedy_with_cache(model, inputs, embeds, steps: int) -> tuple[list[int], li
 
 
 @pytest.mark.parametrize("prompt", ["global_1024", "tiled_2x1"])
+@pytest.mark.slow
 def test_cached_decoding_equals_full_forward(model: ds.DeepseekOCRForCausalLM, encoded, prompt: str) -> None:
     inputs, embeds = encoded[prompt]
     ids, cached = _greedy_with_cache(model, inputs, embeds, 6)

@@ -24,6 +24,8 @@ from common.sampling import SamplingOptions
 from common.timing import Timings
 from common.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 LOGPROB_ATOL = 2e-4
 
 

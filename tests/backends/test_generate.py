@@ -324,6 +324,7 @@ def greedy_ids() -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("backend_name", ["torch", "mlx"])
 @pytest.mark.parametrize("kind", ["deepseek-ocr", "paddleocr-vl"])
+@pytest.mark.slow
 def test_load_model_smoke(request: pytest.FixtureRequest, kind: str, backend_name: str,
                           greedy_ids: dict[str, list[int]]) -> None:
     """Load a tiny real-layout checkpoint, generate cached and uncached; both backends agree on the ids."""

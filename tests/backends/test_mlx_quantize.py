@@ -86,6 +86,7 @@ def _quantized_paths(model) -> tuple[list[str], list[str]]:
     return quantized, plain
 
 
+@pytest.mark.slow
 def test_only_the_decoder_is_quantized(case: Case) -> None:
     model = case.load(quantize=8, group_size=32)
     quantized, plain = _quantized_paths(model)
@@ -110,6 +111,7 @@ def test_group_64_keeps_too_narrow_layers_float(case: Case) -> None:
 
 
 @pytest.mark.parametrize("bits, max_error, min_corr", [(8, 0.05, 0.999), (4, 0.5, 0.9)])
+@pytest.mark.slow
 def test_quantized_logits_stay_close_and_report_agreement(case: Case, bits: int, max_error: float,
                                                           min_corr: float) -> None:
     model = case.load(quantize=bits, group_size=32)
@@ -125,6 +127,7 @@ def test_quantized_logits_stay_close_and_report_agreement(case: Case, bits: int,
     assert after < before * (0.5 if bits == 8 else 0.35)
 
 
+@pytest.mark.slow
 def test_converted_snapshot_round_trips(case: Case, tmp_path: Path) -> None:
     out = tmp_path / "q4"
     sizes = q.convert(case.snapshot, out, bits=4, group_size=32, dtype="float32")

@@ -24,7 +24,8 @@ STAGES = ("vision.prepare_inputs", "vision.compute_embeddings", "prompt.render",
 # 512 px views (the "tiny" preset) keep the SAM encoder cheap on a shared CPU.
 FAST = ["--mode", "tiny", "--device", "cpu", "--backend", "torch"]
 
-pytestmark = pytest.mark.skipif(not CLI.exists(), reason="console script not installed (pip install -e .)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CLI.exists(), reason="console script not installed (pip install -e .)")]
 
 
 @pytest.fixture()

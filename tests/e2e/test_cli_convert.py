@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 pytest.importorskip("mlx.core")
 
 CLI = shutil.which("deepseek-ocr-cli") or str(Path(sys.executable).with_name("deepseek-ocr-cli"))

@@ -18,7 +18,8 @@ import pytest
 CLI = Path(sys.executable).parent / "deepseek-ocr-cli"
 FAST = ["--mode", "tiny", "--device", "cpu", "--backend", "torch", "--max-new-tokens", "2"]
 
-pytestmark = pytest.mark.skipif(not CLI.exists(), reason="console script not installed (pip install -e .)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CLI.exists(), reason="console script not installed (pip install -e .)")]
 
 
 @pytest.fixture()

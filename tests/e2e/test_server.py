@@ -25,6 +25,8 @@ import openai
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-123"
 MAX_REQUEST_BYTES = 1 << 20

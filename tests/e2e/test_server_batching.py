@@ -19,6 +19,8 @@ from PIL import Image
 
 from tests.e2e.test_server import KEY, ServerProcess
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 
 def _data_url(seed: int, width: int, height: int) -> str:
     rng = np.random.default_rng(seed)

@@ -189,6 +189,7 @@ def test_a_header_sent_a_byte_at_a_time_is_cut_at_the_deadline(live: LiveServer)
     assert time.monotonic() - started < 15
 
 
+@pytest.mark.slow
 def test_a_body_sent_a_byte_at_a_time_is_cut_at_the_deadline(live: LiveServer) -> None:
     with live.connect() as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"

@@ -14,6 +14,8 @@ import pytest
 
 from tests.e2e.test_server import ServerProcess, data_url, png
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 KEY = "webui-key"
 IMAGE = data_url(png((40, 30), color=(250, 250, 250)))
 

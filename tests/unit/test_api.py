@@ -72,6 +72,7 @@ def _two_page_pdf() -> bytes:
 
 
 # ------------------------------------------------------------------------------------------ answers
+@pytest.mark.slow
 def test_one_image_gives_a_result_with_timings(deepseek: OCR, page_file: Path, deepseek_tiny: Path) -> None:
     result = deepseek(page_file)
     assert isinstance(result, Result) and deepseek.last_result is result
@@ -85,6 +86,7 @@ def test_one_image_gives_a_result_with_timings(deepseek: OCR, page_file: Path, d
     assert (result.token_ids, result.prompt_tokens) == (direct.token_ids, direct.prompt_tokens)
 
 
+@pytest.mark.slow
 def test_every_input_form_reads_the_same_image(deepseek: OCR, page: Image.Image, page_file: Path) -> None:
     expected = deepseek(str(page_file)).token_ids
     data = page_file.read_bytes()
@@ -116,6 +118,7 @@ def test_url_input(deepseek: OCR, page_file: Path) -> None:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_stream_pieces_make_the_text(deepseek: OCR, page_file: Path) -> None:
     pieces = deepseek.stream(page_file, prompt="<image>\nFree OCR.", max_new_tokens=3, ignore_eos=True)
     assert not isinstance(pieces, list)
@@ -125,6 +128,7 @@ def test_stream_pieces_make_the_text(deepseek: OCR, page_file: Path) -> None:
     assert (result.completion_tokens, result.finish_reason) == (3, "length")
 
 
+@pytest.mark.slow
 def test_two_images_with_placeholders(deepseek: OCR, page: Image.Image) -> None:
     result = deepseek([page, page], prompt="<image> <image>\nCompare.")
     single = deepseek([page], prompt="<image>\nCompare.")
@@ -132,6 +136,7 @@ def test_two_images_with_placeholders(deepseek: OCR, page: Image.Image) -> None:
     assert result.prompt_tokens - single.prompt_tokens == 73 + 1
 
 
+@pytest.mark.slow
 def test_pdf_pages_one_result_each(deepseek: OCR, tmp_path: Path) -> None:
     data = _two_page_pdf()
     path = tmp_path / "doc.pdf"
@@ -147,6 +152,7 @@ def test_pdf_pages_one_result_each(deepseek: OCR, tmp_path: Path) -> None:
     assert numbers == [2, 1]
 
 
+@pytest.mark.slow
 def test_settings_precedence(deepseek_tiny: Path, config: Path, page: Image.Image) -> None:
     config.write_text("[inference]\nmax_new_tokens = 3\nmode = \"tiny\"\n", encoding="utf-8")
     from_file = OCR(model_dir=deepseek_tiny, config=config, **FAST)
@@ -157,6 +163,7 @@ def test_settings_precedence(deepseek_tiny: Path, config: Path, page: Image.Imag
     assert argument(page, ignore_eos=True, max_new_tokens=1).completion_tokens == 1   # call over both
 
 
+@pytest.mark.slow
 def test_paddle_default_prompt(paddle_tiny: Path, config: Path, page: Image.Image) -> None:
     ocr = OCR("paddleocr-vl", model_dir=paddle_tiny, config=config, max_new_tokens=4, **FAST)
     result = ocr(page)

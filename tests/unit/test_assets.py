@@ -369,6 +369,7 @@ def test_all_hubs_dead_fails_fast_with_one_clear_message(root: Path) -> None:
         assert needle in message
 
 
+@pytest.mark.slow
 def test_a_hub_that_never_answers_is_given_up_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as silent:                       # accepts connections, never replies
         silent.bind(("127.0.0.1", 0))
@@ -427,6 +428,7 @@ def test_missing_local_file_is_named(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ real layout
+@pytest.mark.slow
 def test_tiny_deepseek_snapshot_round_trips_through_the_hub(deepseek_tiny: Path, monkeypatch) -> None:
     """The registry's DeepSeek-OCR names against a snapshot in the real layout (tiny random weights)."""
     files_on_hub = {p.name: p.read_bytes() for p in deepseek_tiny.iterdir() if p.is_file() and p.name[0] != "."}

@@ -175,6 +175,7 @@ def _page(seed: int, width: int, height: int) -> Image.Image:
 
 
 @pytest.mark.parametrize("model", ["deepseek-ocr", "paddleocr-vl"])
+@pytest.mark.slow
 def test_batched_answers_equal_single_runs_on_torch(settings: Any, model: str) -> None:
     pytest.importorskip("torch")
     pipe = Pipeline(load_settings(settings.config_path, {"backend": "torch", "device": "cpu"}))
@@ -194,6 +195,7 @@ def test_batched_answers_equal_single_runs_on_torch(settings: Any, model: str) -
                                    [t.logprob for t in one.logprobs or []], atol=2e-4)
 
 
+@pytest.mark.slow
 def test_batch_streams_text_deltas_that_join_to_the_text(settings: Any) -> None:
     pytest.importorskip("torch")
     pipe = Pipeline(load_settings(settings.config_path, {"backend": "torch", "device": "cpu"}))

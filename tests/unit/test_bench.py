@@ -10,6 +10,8 @@ import pytest
 
 from scripts import bench
 
+pytestmark = pytest.mark.slow  # the fast lane (pytest -m "not slow") leaves this module out
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("vision.prepare_inputs", "vision.compute_embeddings", "prompt.render", "prompt.build_tokens",
           "decode.prefill", "decode.iterative", "decode.generate")

@@ -55,6 +55,7 @@ def test_tiny_config_keeps_the_real_structure() -> None:
     assert not cfg.language.is_moe_layer(0) and cfg.language.is_moe_layer(1)
 
 
+@pytest.mark.slow
 def test_tiny_build_is_readable_and_deterministic(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
@@ -78,6 +79,7 @@ def test_tiny_build_is_readable_and_deterministic(tmp_path: Path) -> None:
     assert np.abs(head[eos]).mean() < 0.5 * np.abs(np.delete(head, eos, axis=0)).mean()
 
 
+@pytest.mark.slow
 def test_bfloat16_storage_rounds_to_nearest_even(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file

@@ -61,6 +61,7 @@ def test_tiny_snapshot_files_and_tensors(paddle_tiny: Path) -> None:
         assert (paddle_tiny / name).read_bytes() == (REFERENCE / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_tiny_tokenizer_keeps_real_special_ids_and_every_id_decodes(paddle_tiny: Path) -> None:
     from tokenizers import Tokenizer
 
@@ -77,6 +78,7 @@ def test_tiny_tokenizer_keeps_real_special_ids_and_every_id_decodes(paddle_tiny:
     assert config["chat_template"] == (REFERENCE / "chat_template.jinja").read_text()
 
 
+@pytest.mark.slow
 def test_builds_are_seeded_and_bf16_is_stored_as_bf16(tmp_path: Path, paddle_tiny: Path) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
@@ -116,6 +118,7 @@ def test_transformers_loads_tiny_snapshot_with_no_missing_or_unexpected(paddle_t
     assert torch.equal(model.model.projector.linear_1.weight, weights["mlp_AR.linear_1.weight"])
 
 
+@pytest.mark.slow
 def test_loader_is_strict_and_skips_unused_by_name(tmp_path: Path, paddle_tiny: Path) -> None:
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file, save_file

@@ -110,6 +110,7 @@ def test_contained_size_rounds_half_to_even() -> None:
 # ---------------------------------------------------------------------------------------------- whole images
 
 @pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.slow
 def test_views_and_ids_match_official(name: str, tokenizer: Tokenizer) -> None:
     case = CASES[name]
     image = case_image(case)

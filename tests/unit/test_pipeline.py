@@ -85,6 +85,7 @@ def _events(pipe: Pipeline, request: Request, cancel: threading.Event | None = N
     return events[:-1], events[-1]
 
 
+@pytest.mark.slow
 def test_stop_id_ends_the_answer_and_is_counted_in_usage(settings: Any, tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode("Hello world")
     pipe = Pipeline(settings, load_model=Loader(ids + [DS_EOS, 5, 6]))
@@ -97,6 +98,7 @@ def test_stop_id_ends_the_answer_and_is_counted_in_usage(settings: Any, tokenize
     assert (result.model, result.backend, result.logprobs) == ("deepseek-ocr", "scripted", None)
 
 
+@pytest.mark.slow
 def test_cap_gives_length(settings: Any, tokenizer: Tokenizer) -> None:
     loader = Loader(tokenizer.encode("one two three four five six"))
     pipe = Pipeline(settings, load_model=loader)
@@ -123,6 +125,7 @@ def test_multibyte_character_split_over_tokens_streams_whole(settings: Any, toke
     assert "🦜" in pieces or any(p.startswith("🦜") or p.endswith("🦜") for p in pieces)
 
 
+@pytest.mark.slow
 def test_cancel_between_tokens(settings: Any, tokenizer: Tokenizer) -> None:
     loader = Loader(tokenizer.encode(" word" * 40))
     pipe = Pipeline(settings, load_model=loader)
@@ -281,6 +284,7 @@ def test_missing_backend_package_names_the_extra(settings: Any, monkeypatch: pyt
     ("deepseek-ocr", "<image>\nFree OCR.", True), ("deepseek-ocr", "Hello", False),
     ("paddleocr-vl", "OCR:", True), ("paddleocr-vl", "Hello", False),
 ])
+@pytest.mark.slow
 def test_torch_backend_end_to_end(settings: Any, model: str, prompt: str, with_image: bool) -> None:
     pipe = Pipeline(load_settings(settings.config_path, {"backend": "torch", "device": "cpu"}))
     images = [Image.new("RGB", (96, 64), (240, 240, 240))] if with_image else []
@@ -300,6 +304,7 @@ def test_torch_backend_end_to_end(settings: Any, model: str, prompt: str, with_i
 
 @pytest.mark.mlx
 @pytest.mark.parametrize("model", ["deepseek-ocr", "paddleocr-vl"])
+@pytest.mark.slow
 def test_mlx_and_torch_backends_agree(settings: Any, model: str) -> None:
     pytest.importorskip("mlx.core")
     ids = {}
