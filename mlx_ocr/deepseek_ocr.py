@@ -390,20 +390,38 @@ class DecoderLayer(DecoderBlock):
 
 # ----------------------------------------------------------------------------------------------- top model
 
-class DeepseekOCRModel(nn.Module):
-    """`model.*` of the checkpoint: vision towers, projector, layout vectors and the decoder stack."""
+class DeepseekV2Model(nn.Module):
+    """The decoder half of `model.*` (embed_tokens, layers, norm), shared with DeepSeek-OCR-2."""
+
+    def __init__(self, lm: DeepseekV2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.layers = [DecoderLayer(lm, i) for i in range(lm.num_hidden_layers)]
+        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+
+    def decode(self, embeds: mx.array, positions: mx.array, caches: list[KVCache] | None) -> mx.array:
+        """(B, L, D) embeddings at (B, L) positions -> final-normed hidden states (B, L, D).
+
+        Positions run contiguously within a row (0..L-1 in prefill, one per step), so each row's first
+        position is the RoPE offset.
+        """
+        offset = positions[:, 0] if positions.shape[0] > 1 else positions[0, 0]
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, offset, None if caches is None else caches[i])
+        return self.norm(x)
+
+
+class DeepseekOCRModel(DeepseekV2Model):
+    """`model.*` of the checkpoint: the decoder stack, vision towers, projector and layout vectors."""
 
     def __init__(self, cfg: DeepseekOCRConfig) -> None:
-        super().__init__()
-        lm = cfg.language
+        super().__init__(cfg.language)
         self.sam_model = SamEncoder(cfg.sam)
         self.vision_model = ClipVisionModel(cfg.clip)
         self.projector = Projector(cfg)
         self.image_newline = mx.zeros((cfg.n_embed,))
         self.view_seperator = mx.zeros((cfg.n_embed,))
-        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
-        self.layers = [DecoderLayer(lm, i) for i in range(lm.num_hidden_layers)]
-        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
 
     def image_features(self, pixels: mx.array) -> mx.array:
         """(B, S, S, 3) views -> (B, n*n, hidden): [CLIP without CLS, SAM] through the projector (rule 9)."""
@@ -417,18 +435,6 @@ class DeepseekOCRModel(nn.Module):
         rows, _, d = grid.shape
         newline = mx.broadcast_to(self.image_newline.astype(grid.dtype), (rows, 1, d))
         return mx.concatenate([grid, newline], axis=1).reshape(-1, d)
-
-    def decode(self, embeds: mx.array, positions: mx.array, caches: list[KVCache] | None) -> mx.array:
-        """(B, L, D) embeddings at (B, L) positions -> final-normed hidden states (B, L, D).
-
-        Positions run contiguously within a row (0..L-1 in prefill, one per step), so each row's first
-        position is the RoPE offset.
-        """
-        offset = positions[:, 0] if positions.shape[0] > 1 else positions[0, 0]
-        x = embeds
-        for i, layer in enumerate(self.layers):
-            x = layer(x, offset, None if caches is None else caches[i])
-        return self.norm(x)
 
 
 def _views(inputs: DeepseekOCRInputs) -> list[np.ndarray]:
@@ -444,10 +450,12 @@ def _views(inputs: DeepseekOCRInputs) -> list[np.ndarray]:
 class DeepseekOCRForCausalLM(CausalLM):
     """The whole model; implements the shared model protocol (encode_images, prefill, step, make_cache)."""
 
-    def __init__(self, cfg: DeepseekOCRConfig) -> None:
+    model_class: type[DeepseekV2Model] = DeepseekOCRModel  # DeepSeek-OCR-2 swaps in its own `model.*`
+
+    def __init__(self, cfg: Any) -> None:
         super().__init__(cfg.language)
         self.config = cfg
-        self.model = DeepseekOCRModel(cfg)
+        self.model = self.model_class(cfg)
 
     def _pixels(self, array: np.ndarray) -> mx.array:
         # (..., 3, S, S) channels-first NumPy -> channels-last for MLX's convolutions.
@@ -492,7 +500,10 @@ class DeepseekOCRForCausalLM(CausalLM):
             n = int(round(glob.shape[1] ** 0.5))
             pieces.append(m.with_newlines(glob.reshape(n, n, -1)))
             pieces.append(m.view_seperator[None].astype(glob.dtype))
-        embeds = mx.concatenate(pieces, axis=0)
+        return self._checked(inputs, mx.concatenate(pieces, axis=0))
+
+    def _checked(self, inputs: DeepseekOCRInputs, embeds: mx.array) -> mx.array:
+        """`embeds`, after checking there is one per image token of the prompt."""
         expected = int(np.count_nonzero(inputs.input_ids == self.config.image_token_id))
         if embeds.shape[0] != expected:
             raise ValueError(f"the images give {embeds.shape[0]} embeddings but the prompt has {expected} image "

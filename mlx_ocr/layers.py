@@ -70,13 +70,15 @@ class CausalAttention(nn.Module):
     `project` and `attend` are separate so a model can rotate q and k its own way in between.
     """
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool) -> None:
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool,
+                 out_bias: bool | None = None) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+        # Qwen2 has biases on q/k/v only: `out_bias` False there; None follows `bias`.
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
 
     def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """(B, L, D) -> q (B, H, L, Dh), k and v (B, H_kv, L, Dh)."""

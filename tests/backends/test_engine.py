@@ -18,8 +18,10 @@ import pytest
 from PIL import Image
 
 from common import deepseek_ocr as cd
+from common import deepseek_ocr2 as cd2
 from common import paddleocr_vl as pv
 from common.generation import GenerationOptions
+from common.models import get_family
 from common.sampling import SamplingOptions
 from common.timing import Timings
 from common.tokenizer import Tokenizer
@@ -42,7 +44,7 @@ class Env:
         if backend == "mlx":
             import mlx.core as mx
             mx.set_default_device(mx.cpu)
-        module = __import__(f"{backend}_ocr.{model.replace('-', '_')}", fromlist=["load"])
+        module = __import__(f"{backend}_ocr.{get_family(model).module}", fromlist=["load"])
         self.model = module.load(snapshot / "config.json", snapshot, dtype="float32", device="cpu")
         engine_module = __import__(f"{backend}_ocr.engine", fromlist=["Engine"])
         generate_module = __import__(f"{backend}_ocr.generate", fromlist=["generate"])
@@ -53,6 +55,11 @@ class Env:
             self.build = lambda text, images: cd.build_inputs(
                 f"{'<image>' * len(images)}\n{text}", images, tokenizer, base_size=512, image_size=512,
                 crop_mode=False)
+        elif model == "deepseek-ocr-2":
+            self.tokenizer = tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json",
+                                                              snapshot / "tokenizer_config.json")
+            self.build = lambda text, images: cd2.build_inputs(f"{'<image>' * len(images)}\n{text}", images,
+                                                               tokenizer)
         else:
             tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json")
             template = pv.load_chat_template(snapshot)
@@ -64,7 +71,7 @@ class Env:
 def _params() -> list[Any]:
     out = []
     for backend in ("torch", "mlx"):
-        for model in ("deepseek-ocr", "paddleocr-vl"):
+        for model in ("deepseek-ocr", "paddleocr-vl", "deepseek-ocr-2"):
             marks = [pytest.mark.mlx] if backend == "mlx" else []
             out.append(pytest.param((backend, model), id=f"{backend}-{model}", marks=marks))
     return out
@@ -74,8 +81,8 @@ def _params() -> list[Any]:
 def env(request: pytest.FixtureRequest) -> Env:
     backend, model = request.param
     pytest.importorskip("torch" if backend == "torch" else "mlx.core")
-    fixture = "deepseek_tiny" if model == "deepseek-ocr" else "paddle_tiny"
-    snapshot = request.getfixturevalue(fixture)
+    fixture = {"deepseek-ocr": "deepseek_tiny", "paddleocr-vl": "paddle_tiny", "deepseek-ocr-2": "deepseek2_tiny"}
+    snapshot = request.getfixturevalue(fixture[model])
     try:
         return Env(backend, model, snapshot)
     except ImportError as error:  # pragma: no cover - a backend without an engine yet
@@ -209,6 +216,8 @@ def test_requests_added_together_share_one_vision_pass(env: Env) -> None:
     if env.name == "deepseek-ocr":  # a tiled prompt too: tiles of one size, global views of another
         extra["tiled"] = cd.build_inputs("<image>\nFree OCR.", [_image(200, 90, 12)], env.tokenizer,
                                          base_size=512, image_size=640, crop_mode=True)
+    if env.name == "deepseek-ocr-2":  # 768 px tiles (144 queries) beside 1024 px global views (256)
+        extra["tiled"] = cd2.build_inputs("<image>\nFree OCR.", [_image(1000, 300, 12)], env.tokenizer)
     prompts = {"a": env.build("Free OCR.", [_image(64, 48, 11)]), "b": env.build("Text only.", []),
                "c": env.build("Two.", [_image(48, 64, 13), _image(40, 40, 14)]), **extra}
     batched = env.model.encode_images_batch(list(prompts.values()))
@@ -231,7 +240,7 @@ def test_requests_added_together_share_one_vision_pass(env: Env) -> None:
         alone = list(env.generate(env.model, inputs, _options(6), Timings()))
         assert [t.token_id for t in rows[slot]] == [t.token_id for t in alone]
     # image placeholders without their image: the prefill refuses it
-    if env.name == "deepseek-ocr":
+    if env.name.startswith("deepseek-ocr"):
         broken = dataclasses.replace(prompts["a"], images=())
     else:
         broken = dataclasses.replace(prompts["a"], pixel_values=prompts["a"].pixel_values[:0],
