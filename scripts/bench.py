@@ -227,9 +227,12 @@ class _ProbedEngine:
         return self._engine.free_slots
 
     def add(self, inputs: Any, options: Any, timings: Any) -> int:
-        if self._probe.inputs is None:
-            self._probe.inputs = inputs
-        return self._engine.add(inputs, options, timings)
+        return self.add_many([(inputs, options, timings)])[0]
+
+    def add_many(self, requests: list[tuple[Any, Any, Any]]) -> list[int]:
+        if self._probe.inputs is None and requests:
+            self._probe.inputs = requests[0][0]
+        return self._engine.add_many(requests)
 
     def step(self) -> list[Any]:
         out = self._engine.step()

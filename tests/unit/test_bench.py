@@ -87,3 +87,17 @@ def test_active_weight_bytes_counts_what_a_decode_step_reads(tmp_path: Path) -> 
     assert active == 1128 * 2
     assert params == 800 + 2500 + 64 + 3 * 128 + 8 + 800
     assert bench.active_weight_bytes(tmp_path, "deepseek-ocr", "float32")[0] == 1128 * 4
+
+
+def test_batched_runs_and_their_scaling_rows(tmp_path: Path, paddle_tiny: Path) -> None:
+    """--batch 1,2: ours through Pipeline.map and transformers' batched generate, per batch size, with the
+    batch-scaling table; the batch's throughput counts every row."""
+    pytest.importorskip("transformers")
+    stdout, data = _bench(tmp_path, "--model", "paddleocr-vl", "--checkpoint", str(paddle_tiny), "--batch", "1,2")
+    runs = {(run["impl"], run["batch"]): run for run in data["runs"]}
+    assert set(runs) == {("ours", 1), ("reference", 1), ("ours", 2), ("reference", 2)}
+    for run in runs.values():
+        _check_run(run)
+        assert run["pages_per_min"] > 0
+    assert {row["batch"] for row in data["ratios"]} == {1, 2}
+    assert "batch B decode throughput / batch 1" in stdout
