@@ -19,6 +19,7 @@ from PIL import Image
 
 from common import deepseek_ocr as cd
 from common import deepseek_ocr2 as cd2
+from common import glm_ocr as glm
 from common import paddleocr_vl as pv
 from common.generation import GenerationOptions
 from common.models import get_family
@@ -64,14 +65,15 @@ class Env:
             tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json")
             template = pv.load_chat_template(snapshot)
             pre = __import__("json").loads((snapshot / "preprocessor_config.json").read_text())
-            self.build = lambda text, images: pv.build_inputs(
+            builder = glm.build_inputs if model == "glm-ocr" else pv.build_inputs
+            self.build = lambda text, images: builder(
                 "<image>" * len(images) + text, images, tokenizer, template, pre)
 
 
 def _params() -> list[Any]:
     out = []
     for backend in ("torch", "mlx"):
-        for model in ("deepseek-ocr", "paddleocr-vl", "deepseek-ocr-2"):
+        for model in ("deepseek-ocr", "paddleocr-vl", "deepseek-ocr-2", "glm-ocr"):
             marks = [pytest.mark.mlx] if backend == "mlx" else []
             out.append(pytest.param((backend, model), id=f"{backend}-{model}", marks=marks))
     return out
@@ -81,7 +83,8 @@ def _params() -> list[Any]:
 def env(request: pytest.FixtureRequest) -> Env:
     backend, model = request.param
     pytest.importorskip("torch" if backend == "torch" else "mlx.core")
-    fixture = {"deepseek-ocr": "deepseek_tiny", "paddleocr-vl": "paddle_tiny", "deepseek-ocr-2": "deepseek2_tiny"}
+    fixture = {"deepseek-ocr": "deepseek_tiny", "paddleocr-vl": "paddle_tiny", "deepseek-ocr-2": "deepseek2_tiny",
+               "glm-ocr": "glm_tiny"}
     snapshot = request.getfixturevalue(fixture[model])
     try:
         return Env(backend, model, snapshot)
