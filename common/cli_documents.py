@@ -195,7 +195,7 @@ class _Run:
         error = job.error or (outcome if isinstance(outcome, UserError) else None)
         doc = job.document
         if error is not None:
-            self.failed.append((doc.name, job.number, str(error)))
+            self.failed.append((doc.name, job.number if doc.kind != "image" else 0, str(error)))
             self.bar.write(f"warning: {self._where(doc, job.number)}: {error} (the run goes on)", file=sys.stderr)
             if self.writer is not None:
                 self.writer.fail_page(doc, job.number, str(error))
@@ -279,8 +279,8 @@ class _Run:
 
             print(_bench_table(_summed(self.results), pages=len(self.results)), file=sys.stderr)
         if self.failed:
-            where = "; ".join(f"{name}" + (f" page {n}" if n is not None else "") + f": {m}"
-                              for name, n, m in self.failed[:3])
+            # Page 0 is a one-page image, None a document that could not be opened: both named alone.
+            where = "; ".join(f"{name}" + (f" page {n}" if n else "") + f": {m}" for name, n, m in self.failed[:3])
             more = f" (+{len(self.failed) - 3} more)" if len(self.failed) > 3 else ""
             raise UserError(f"{len(self.failed)} of {self.total + sum(n is None for _, n, _ in self.failed)} "
                             f"page(s) failed: {where}{more}")
@@ -291,7 +291,7 @@ class _Run:
 
         data: dict[str, Any] = document(self.docs[0]) if not self.multi else {
             "documents": [document(doc) for doc in self.docs]}
-        data["failed"] = [{"input": name, "page": n, "error": m} for name, n, m in self.failed]
+        data["failed"] = [{"input": name, "page": n if n != 0 else 1, "error": m} for name, n, m in self.failed]
         data["flagged"] = self.flagged
         if interrupted:
             data["interrupted"] = True
