@@ -90,13 +90,12 @@ class SlotCache:
         total = max(lengths) + 1
         if total > self.capacity:
             raise ValueError(f"KV cache full: {total} positions asked, {self.capacity} allocated")
-        mask = None
-        if min(lengths) != max(lengths):  # ragged rows: each sees its own keys only
+        mask = index = None
+        if rows > 1:  # each row sees its own keys only (the attention's batched decode path reads the mask)
             visible = torch.tensor(lengths, device=self.device)[:, None] + 1
             mask = (torch.arange(total, device=self.device)[None] < visible)[:, None, None]  # (B, 1, 1, T)
+        if min(lengths) != max(lengths):  # ragged rows: each writes at its own index
             index = torch.tensor(lengths, device=self.device)
-        else:
-            index = None
         return [_DecodeView(self.keys[i], self.values[i], rows, lengths[0], total, index, mask)
                 for i in range(self.num_layers)]
 

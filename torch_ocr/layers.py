@@ -61,6 +61,18 @@ class GatedMLP(nn.Module):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row over that row's keys (a batched decode step on the CPU), in float32: q (B, H, 1, Dh),
+    k and v (B, H_kv, T, Dh), mask (B, 1, 1, T) -> (B, H, 1, Dh) in q's dtype. The fused CPU kernel is slow for
+    many rows of a single query (about 20x here in bfloat16); a batch of one keeps the fused kernel."""
+    b, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    grouped = q.float().view(b, kv_heads, heads // kv_heads, dim)         # query heads sharing a kv head
+    scores = (grouped @ k.float().transpose(-1, -2)) * dim ** -0.5        # (B, H_kv, H / H_kv, T)
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return (weights @ v.float()).view(b, heads, 1, dim).to(q.dtype)
+
+
 class CausalAttention(nn.Module):
     """Causal multi-head / grouped-query attention over an optional KV cache, RoPE from the caller's cos/sin.
 
@@ -97,8 +109,11 @@ class CausalAttention(nn.Module):
             causal = length > 1
         elif mask is None and length > 1:  # a chunk after cached positions: query i sees keys to (total - length + i)
             mask = torch.ones(length, total, dtype=torch.bool, device=q.device).tril(total - length)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.kv_heads != self.heads)
+        if mask is not None and length == 1 and q.device.type == "cpu":
+            out = decode_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=self.kv_heads != self.heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, self.heads * self.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
