@@ -210,12 +210,14 @@ class _Run:
                     from .cli import _as_json  # noqa: PLC0415
 
                     record["logprobs"] = _as_json(outcome, False, [job.image])["logprobs"]
+            # Booked before the files are written: a Ctrl-C while writing still reports this finished page.
+            self.records[doc.input.out_name].append(record)
+            if job.record is None:
+                self.results.append(outcome)
                 if self.writer is not None:
                     self.writer.write_page(doc, record, layout, job.image)
-                self.results.append(outcome)
             if flags(record):
                 self.flagged.append(f"{self._where(doc, job.number)} ({', '.join(flags(record))})")
-            self.records[doc.input.out_name].append(record)
             self._emit(doc, record)
         self.bar.update(1)
         minutes = (time.perf_counter() - self.started) / 60

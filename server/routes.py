@@ -150,18 +150,25 @@ async def ready(request: HttpRequest) -> HTTPResponse:
 MODEL_NAMES = {model_id: family.display_name for model_id, family in FAMILIES.items()}
 
 
-def _model_object(model_id: str) -> dict[str, Any]:
+def _model_object(model_id: str, loaded: list[str]) -> dict[str, Any]:
+    """OpenAI's model object plus `name` and `loaded` (resident now: a request for it starts without a load)."""
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "local",
-            "name": MODEL_NAMES.get(model_id, model_id)}
+            "name": MODEL_NAMES.get(model_id, model_id), "loaded": model_id in loaded}
+
+
+def _loaded(request: HttpRequest) -> list[str]:
+    # the worker's own snapshot: asking the pipeline could wait for a load in progress
+    return list(request.app.ctx.state.scheduler.status().get("loaded_models", []))
 
 
 async def list_models(request: HttpRequest) -> HTTPResponse:
-    return json_response({"object": "list", "data": [_model_object(m) for m in MODEL_IDS]})
+    loaded = _loaded(request)
+    return json_response({"object": "list", "data": [_model_object(m, loaded) for m in MODEL_IDS]})
 
 
 async def retrieve_model(request: HttpRequest, model_id: str) -> HTTPResponse:
     get_model(model_id)  # UnknownModelError -> 404
-    return json_response(_model_object(model_id))
+    return json_response(_model_object(model_id, _loaded(request)))
 
 
 # ------------------------------------------------------------------------------------------------ shared path

@@ -148,7 +148,11 @@ def assert_error(response: httpx.Response, status: int, param: str | None = "*")
 
 # ------------------------------------------------------------------------------------------------ SDK: happy paths
 def test_models_list(client: openai.OpenAI) -> None:
-    assert sorted(m.id for m in client.models.list()) == ["deepseek-ocr", "paddleocr-vl"]
+    models = client.models.list().data
+    assert sorted(m.id for m in models) == ["deepseek-ocr", "deepseek-ocr-2", "glm-ocr", "paddleocr-vl",
+                                            "paddleocr-vl-1.5"]
+    loaded = {m.id: m.model_extra["loaded"] for m in models}
+    assert loaded["deepseek-ocr"] is True and loaded["glm-ocr"] is False  # the active model is preloaded
 
 
 @pytest.mark.parametrize("model", ["deepseek-ocr", "paddleocr-vl", "deepseek-ocr"])  # switches back and forth

@@ -55,8 +55,9 @@ def chat_payload(messages: list, **params) -> dict:
 def test_model_list_has_ids_and_names(webui: httpx.Client) -> None:
     body = webui.get("/models", timeout=10).json()
     assert body["object"] == "list"
-    assert {m["id"]: m["name"] for m in body["data"]} == {"deepseek-ocr": "DeepSeek-OCR",
-                                                           "paddleocr-vl": "PaddleOCR-VL"}
+    assert {m["id"]: m["name"] for m in body["data"]} == {
+        "deepseek-ocr": "DeepSeek-OCR", "paddleocr-vl": "PaddleOCR-VL", "deepseek-ocr-2": "DeepSeek-OCR-2",
+        "glm-ocr": "GLM-OCR", "paddleocr-vl-1.5": "PaddleOCR-VL 1.5"}
 
 
 def streamed_text(webui: httpx.Client, payload: dict) -> tuple[str, list]:
