@@ -133,6 +133,9 @@ def create_app(settings: Settings, *, pipeline: Any | None = None, scheduler: An
     app.config.KEEP_ALIVE_TIMEOUT = server.keep_alive_timeout_s
     app.config.MAX_CONNECTIONS = server.max_connections
     app.config.FALLBACK_ERROR_FORMAT = "json"
+    # TouchUp rewrites Sanic's class methods at the first start; a second app started in the same process (tests,
+    # embedding) then fails in it (KeyError '_run_response_middleware'). The rewrite only trims a few calls.
+    app.config.TOUCHUP = False
     pipeline = pipeline if pipeline is not None else Pipeline(settings)
     scheduler = scheduler if scheduler is not None else Worker(pipeline, server.queue_size,
                                                                max_batch_size=server.max_batch_size)

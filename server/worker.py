@@ -247,12 +247,14 @@ class Worker:
                 job._post(_END)
             return
         for job, events in outputs:
-            for event in events:
-                job._post(event)
-            if events and isinstance(events[-1], Result):
-                job._post(_END)
+            finished = bool(events) and isinstance(events[-1], Result)
+            if finished:  # counted out before its client can see the end (status() is then already right)
                 with self._cond:
                     self._running.discard(job)
+            for event in events:
+                job._post(event)
+            if finished:
+                job._post(_END)
 
     def _load(self, model: str) -> None:
         self._loading = model
