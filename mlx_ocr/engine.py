@@ -144,12 +144,15 @@ class Engine:
         return taken
 
     def _encode(self, prompts: list[PromptInputs], timings: list[Timings]) -> list[Any]:
-        """Image embeddings per prompt: one request alone as always, several through `encode_images_batch`;
-        evaluated here, or the stage would be timed as ~0 (MLX is lazy)."""
-        if len(prompts) == 1:
-            with timings[0].measure("vision.compute_embeddings"):
-                embeds = [self.model.encode_images(prompts[0])]
-                mx.eval([e for e in embeds if e is not None])
+        """Image embeddings per prompt: through `encode_images_batch` on Metal; one prompt at a time on the CPU,
+        where stacking pages made each slower (measured on torch). Evaluated here, or the stage would be timed as
+        ~0 (MLX is lazy)."""
+        if len(prompts) == 1 or mx.default_device() == mx.cpu:
+            embeds = []
+            for inputs, t in zip(prompts, timings):
+                with t.measure("vision.compute_embeddings"):
+                    embeds.append(self.model.encode_images(inputs))
+                    mx.eval([e for e in embeds[-1:] if e is not None])
             return embeds
         watch = Stopwatch(self._sync)
         embeds = self.model.encode_images_batch(prompts)
