@@ -369,4 +369,7 @@ def test_a_client_that_disconnects_is_not_an_internal_error(live: LiveServer, sc
         while ready_details(live)["in_flight"] and time.monotonic() < deadline:
             time.sleep(0.1)
     assert ready_details(live)["in_flight"] == 0
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    # the server's own loggers only: another test's leftover client task may be collected (and logged by asyncio)
+    # while this one runs
+    ours = [r for r in caplog.records if r.name.startswith(("deepseek_ocr", "sanic"))]
+    assert not [r for r in ours if r.levelno >= logging.ERROR], [r.getMessage() for r in ours]
