@@ -127,8 +127,11 @@ def test_interrupted_run_keeps_finished_pages_then_resume_finishes(tmp_path: Pat
     slow = ["--mode", "tiny", "--device", "cpu", "--backend", "torch", "--max-new-tokens", "60", "--ignore-eos"]
     args = [str(CLI), "--config", str(tmp_path / "config.toml"), "--model-dir", str(deepseek_tiny), "doc.pdf",
             *slow, "--output-dir", "out", "--batch-size", "1"]
+    # A shell that runs the suite in the background starts it with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen([*args, "--format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=_env(tmp_path), cwd=tmp_path)
+                            text=True, env=_env(tmp_path), cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = tmp_path / "out" / "doc" / "page-0001.json"
     deadline = time.monotonic() + 240
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
