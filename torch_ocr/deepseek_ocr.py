@@ -22,7 +22,7 @@ from common.errors import CheckpointError
 from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config, SamConfig
 
 from .cache import KVCache
-from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, Linear, RMSNorm, linear
 from .loader import load_module
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
@@ -59,8 +59,8 @@ class SamAttention(nn.Module):
     def __init__(self, cfg: SamConfig, span: int) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.qkv = Linear(cfg.width, 3 * cfg.width)
+        self.proj = Linear(cfg.width, cfg.width)
         self.rel_pos_h = nn.Parameter(torch.empty(2 * span - 1, cfg.head_dim))
         self.rel_pos_w = nn.Parameter(torch.empty(2 * span - 1, cfg.head_dim))
 
@@ -83,8 +83,8 @@ class SamAttention(nn.Module):
 class SamMLP(nn.Module):
     def __init__(self, cfg: SamConfig) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(cfg.width, cfg.width * cfg.mlp_ratio)
-        self.lin2 = nn.Linear(cfg.width * cfg.mlp_ratio, cfg.width)
+        self.lin1 = Linear(cfg.width, cfg.width * cfg.mlp_ratio)
+        self.lin2 = Linear(cfg.width * cfg.mlp_ratio, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin2(F.gelu(self.lin1(x)))
@@ -178,8 +178,8 @@ class ClipAttention(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
         self.heads, self.head_dim = cfg.heads, cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.width, 3 * cfg.width)
-        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.qkv_proj = Linear(cfg.width, 3 * cfg.width)
+        self.out_proj = Linear(cfg.width, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, c = x.shape
@@ -191,8 +191,8 @@ class ClipAttention(nn.Module):
 class ClipMLP(nn.Module):
     def __init__(self, cfg: ClipConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.width, cfg.intermediate_size)
-        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.width)
+        self.fc1 = Linear(cfg.width, cfg.intermediate_size)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
@@ -266,7 +266,7 @@ class Projector(nn.Module):
 
     def __init__(self, cfg: DeepseekOCRConfig) -> None:
         super().__init__()
-        self.layers = nn.Linear(cfg.projector_input_dim, cfg.n_embed)
+        self.layers = Linear(cfg.projector_input_dim, cfg.n_embed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -306,7 +306,7 @@ class MoEGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, D) -> top-k weights (T, k) float32 and expert ids (T, k)."""
-        scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)
+        scores = linear(x.float(), self.weight.float()).softmax(dim=-1)
         weights, ids = torch.topk(scores, self.top_k, dim=-1, sorted=False)
         if self.normalise and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -20,7 +20,7 @@ from torch import nn
 from common.model_config import GlmOcrConfig, GlmOcrTextConfig, GlmOcrVisionConfig
 
 from .cache import KVCache
-from .layers import CausalAttention, CausalLM, GatedMLP, RMSNorm, apply_rope, swiglu
+from .layers import CausalAttention, CausalLM, GatedMLP, Linear, RMSNorm, apply_rope, linear, swiglu
 from .loader import load_module
 from .paddleocr_vl import PaddleOCRVL
 
@@ -35,8 +35,8 @@ class VisionAttention(nn.Module):
         super().__init__()
         width, bias = config.hidden_size, config.attention_bias
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
-        self.qkv = nn.Linear(width, 3 * width, bias=bias)
-        self.proj = nn.Linear(width, width, bias=bias)
+        self.qkv = Linear(width, 3 * width, bias=bias)
+        self.proj = Linear(width, width, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
@@ -78,7 +78,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight
-        return F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)
+        return linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)
 
 
 class PatchMerger(GatedMLP):
@@ -86,7 +86,7 @@ class PatchMerger(GatedMLP):
 
     def __init__(self, width: int, context: int) -> None:
         super().__init__(width, context, bias=False)
-        self.proj = nn.Linear(width, width, bias=False)
+        self.proj = Linear(width, width, bias=False)
         self.post_projection_norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,8 +166,8 @@ class TextMLP(nn.Module):
 
     def __init__(self, config: GlmOcrTextConfig) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -18,6 +18,38 @@ from common.model_config import DeepseekV2Config, PaddleTextConfig
 from .cache import KVCache, SlotCache
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, through oneDNN's linear on the CPU in float32 (inference only).
+
+    Measured on a 2-core AVX-512 CPU, the default float32 CPU linear streamed weights at 14-56 GB/s in a decode
+    step and oneDNN's at 31-123 GB/s on the same dense weight (1.7-4x per call at 1-8 rows, 1.1-1.2x at 1024+
+    rows), with no repacked copy of the weight. Results differ from `F.linear` by summation order only (about
+    1e-6 relative). bfloat16 gained nothing this way, so every other case keeps `F.linear`.
+    """
+    if (_ONEDNN_LINEAR and x.dtype is torch.float32 and weight.dtype is torch.float32 and x.device.type == "cpu"
+            and torch.backends.mkldnn.enabled
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` (same parameters and checkpoint names) whose forward is `linear` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm normalised in float32, cast back, THEN scaled by the weight (the order of both references)."""
 
@@ -53,9 +85,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, *, bias: bool) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -83,11 +115,11 @@ class CausalAttention(nn.Module):
                  out_bias: bool | None = None) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.q_proj = Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = Linear(hidden, kv_heads * head_dim, bias=bias)
         # Qwen2 has biases on q/k/v only: `out_bias` False there; None follows `bias`.
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
+        self.o_proj = Linear(heads * head_dim, hidden, bias=bias if out_bias is None else out_bias)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, D) -> q (B, H, L, Dh), k and v (B, H_kv, L, Dh)."""
@@ -143,7 +175,7 @@ class CausalLM(nn.Module):
     def __init__(self, decoder: DeepseekV2Config | PaddleTextConfig) -> None:
         super().__init__()
         self.decoder_config = decoder
-        self.lm_head = nn.Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
+        self.lm_head = Linear(decoder.hidden_size, decoder.vocab_size, bias=False)
 
     @property
     def device(self) -> torch.device:

@@ -23,7 +23,7 @@ from common.model_config import PaddleOCRVLConfig, PaddleTextConfig, PaddleVisio
 from common.paddleocr_vl import PaddleOCRVLInputs
 
 from .cache import KVCache
-from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, RMSNorm, apply_rope
+from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, Linear, RMSNorm, apply_rope, linear
 from .loader import load_module
 
 
@@ -36,10 +36,10 @@ class VisionAttention(nn.Module):
         super().__init__()
         width = config.hidden_size
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
-        self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
-        self.v_proj = nn.Linear(width, width)
-        self.out_proj = nn.Linear(width, width)
+        self.q_proj = Linear(width, width)
+        self.k_proj = Linear(width, width)
+        self.v_proj = Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         n = x.shape[0]
@@ -64,8 +64,8 @@ class VisionMLP(nn.Module):
         super().__init__()
         if config.hidden_act != "gelu_pytorch_tanh":
             raise ValueError(f"unsupported vision hidden_act {config.hidden_act!r}")
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -98,7 +98,7 @@ class VisionEmbeddings(nn.Module):
         """patches (N, C*p*p) in raster order per image -> (N, D)."""
         weight = self.patch_embedding.weight
         # A stride-p convolution over one p x p patch is a matmul with the flattened kernel.
-        x = F.linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
+        x = linear(patches.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
         side = self.config.position_grid
         table = self.position_embedding.weight.float().reshape(side, side, -1).permute(2, 0, 1)[None]
         pos = []
@@ -163,8 +163,8 @@ class Projector(nn.Module):
         width = config.vision.hidden_size
         merged = width * self.merge * self.merge
         self.pre_norm = nn.LayerNorm(width, eps=config.projector_layer_norm_eps)
-        self.linear_1 = nn.Linear(merged, merged)
-        self.linear_2 = nn.Linear(merged, config.text.hidden_size)
+        self.linear_1 = Linear(merged, merged)
+        self.linear_2 = Linear(merged, config.text.hidden_size)
 
     def forward(self, features: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         x, m, rows = self.pre_norm(features), self.merge, []

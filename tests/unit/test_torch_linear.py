@@ -1,0 +1,74 @@
+"""The float32 CPU linear of `torch_ocr.layers`: the same product as `F.linear`, on every input shape it meets."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from torch_ocr import layers  # noqa: E402
+
+
+def _inputs(*shape: int, k: int = 96) -> torch.Tensor:
+    return torch.randn(*shape, k, generator=torch.Generator().manual_seed(sum(shape) + 1))
+
+
+@pytest.mark.parametrize("shape", [(1,), (8,), (1, 1), (2, 5), (3, 0), (0,), (1, 700)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_float32_matches_f_linear(shape: tuple[int, ...], bias: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(40, 96, generator=gen)
+    b = torch.randn(40, generator=gen) if bias else None
+    x = _inputs(*shape)
+    with torch.inference_mode():
+        got, want = layers.linear(x, weight, b), F.linear(x, weight, b)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_input_and_weight_view() -> None:
+    x = _inputs(96, k=7).T  # (7, 96), transposed storage
+    weight = torch.randn(96, 50).T  # (50, 96), a view
+    with torch.inference_mode():
+        torch.testing.assert_close(layers.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_other_dtypes_are_f_linear_bit_for_bit() -> None:
+    x, weight = _inputs(3).bfloat16(), torch.randn(40, 96).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(layers.linear(x, weight), F.linear(x, weight))
+
+
+def test_training_keeps_autograd() -> None:
+    weight = torch.randn(40, 96, requires_grad=True)
+    layers.linear(_inputs(2), weight).sum().backward()
+    assert weight.grad is not None and weight.grad.shape == weight.shape
+
+
+def test_module_keeps_nn_linear_parameters_and_names() -> None:
+    module = layers.Linear(96, 40, bias=True)
+    assert isinstance(module, torch.nn.Linear)
+    assert sorted(module.state_dict()) == ["bias", "weight"]
+    x = _inputs(4)
+    with torch.inference_mode():
+        torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+def test_the_onednn_path_is_the_one_taken_on_cpu_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    namespace = torch.ops.mkldnn
+
+    class Spy:
+        def __getattr__(self, name: str):  # noqa: ANN204 - forwards everything else to the real namespace
+            return getattr(namespace, name)
+
+        def _linear_pointwise(self, *args):  # noqa: ANN002, ANN202
+            calls.append(args[0].shape)
+            return namespace._linear_pointwise(*args)
+
+    monkeypatch.setattr(layers.torch.ops, "mkldnn", Spy(), raising=False)
+    with torch.inference_mode():
+        layers.linear(_inputs(2), torch.randn(40, 96))
+        layers.linear(_inputs(2).double(), torch.randn(40, 96).double())
+    assert calls == [torch.Size([2, 96])]
