@@ -1,6 +1,7 @@
 """Speed and memory of one page through the CLI's pipeline, next to the reference implementations, in one run.
 
-    python scripts/bench.py                                   # both models, torch, bfloat16 and float32, CPU
+    python scripts/bench.py                                   # every model, torch, bfloat16 and float32, CPU
+    python scripts/bench.py --model glm-ocr                   # one model (deepseek-ocr-2, paddleocr-vl-1.5, ...)
     python scripts/bench.py --model paddleocr-vl --dtype float32 --max-new-tokens 16 --json bench.json
     python scripts/bench.py --model deepseek-ocr --reference-code DIR --reference-python VENV/bin/python
     python scripts/bench.py --batch 1,4,8 --no-reference      # batched decode: tokens/s and pages/minute
@@ -14,12 +15,15 @@ bytes of the weights one token reads (the decoder, only the routed experts a tok
 times decode tokens/s.
 
 References, fed the very inputs our pipeline built (captured from its `generate` call, so preprocessing differs
-in nothing): PaddleOCR-VL through transformers' `PaddleOCRVLForConditionalGeneration` in this interpreter;
-DeepSeek-OCR through the official remote code, which needs transformers 4.46 and so its own environment
-(`--reference-code`, `--reference-python`; see `scripts/bench_reference.py`). Without them that column is skipped.
+in nothing): PaddleOCR-VL and PaddleOCR-VL 1.5 through transformers' `PaddleOCRVLForConditionalGeneration`,
+GLM-OCR through its `GlmOcrForConditionalGeneration` and DeepSeek-OCR-2 through its
+`DeepseekOcr2ForConditionalGeneration`, all in this interpreter, on the same snapshot files; DeepSeek-OCR through
+the official remote code, which needs transformers 4.46 and so its own environment (`--reference-code`,
+`--reference-python`; see `scripts/bench_reference.py`). Without them that column is skipped.
 
 `--batch 1,4,8` runs every configuration once per batch size: B copies of the page through `Pipeline.map` (the
-engine decodes them together), and for PaddleOCR-VL transformers' own batched `generate` on the same B inputs.
+engine decodes them together), and for the transformers references their own batched `generate` on the same B
+inputs.
 Decode tokens/s is then the whole batch's (B rows x steps / decode time) and pages/minute counts B pages; vision
 and prefill are per page (ours books each request its share, the reference's batched pass is divided by B).
 """
@@ -30,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -46,13 +51,19 @@ sys.path.insert(0, str(ROOT))
 
 from common.timing import STAGES  # noqa: E402
 
-MODELS = ("deepseek-ocr", "paddleocr-vl")
+MODELS = ("deepseek-ocr", "paddleocr-vl", "paddleocr-vl-1.5", "deepseek-ocr-2", "glm-ocr")
+#: The models whose reference is the official remote code in its own environment (the rest use transformers here).
+OFFICIAL_REFERENCE = ("deepseek-ocr",)
 BACKENDS = ("torch", "mlx")
 BENCH_DTYPES = ("bfloat16", "float32")
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_IMAGE = ROOT / "tests" / "data" / "page.png"
 #: Names of the weights a decode step reads; the vision towers, the projector and the embedding table are not.
-DECODER_PREFIXES = ("model.layers.", "model.norm.", "lm_head.")
+#: GLM-OCR's decoder sits under `model.language_model.`; its layers past num_hidden_layers (multi-token
+#: prediction) are never run.
+DECODER_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")
+DECODER_PREFIXES = ("model.norm.", "model.language_model.norm.", "lm_head.")
+EMBEDDING_TABLES = ("model.embed_tokens.", "model.language_model.embed_tokens.")
 ROUTED_EXPERTS = ".mlp.experts."
 #: A run needs about its weights at the run dtype plus this much (interpreter, activations, KV cache), in GB.
 RUN_OVERHEAD_GB = 1.5
@@ -101,17 +112,22 @@ def active_weight_bytes(checkpoint: Path, model: str, dtype: str) -> tuple[int, 
     from common.registry import get_model  # noqa: PLC0415
 
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    language = config.get("language_config", config)
+    language = config.get("language_config") or config.get("text_config") or config
     fraction = language.get("num_experts_per_tok", 1) / language.get("n_routed_experts", 1)
-    tied = bool(config.get("tie_word_embeddings", False))
+    tied = bool(language.get("tie_word_embeddings", config.get("tie_word_embeddings", False)))
+    layers = language.get("num_hidden_layers")
     active = total = 0.0
     for name, info in safetensors_header(checkpoint / get_model(model).weights[0]).items():
         count = math.prod(info["shape"])
         total += count
-        if name.startswith("model.embed_tokens.") and tied:
+        layer = DECODER_LAYER.match(name)
+        if name.startswith(EMBEDDING_TABLES) and tied:
             active += count  # the table is read whole as the output projection
+        elif layer is not None:
+            if layers is None or int(layer.group(1)) < layers:
+                active += count * (fraction if ROUTED_EXPERTS in name else 1.0)
         elif name.startswith(DECODER_PREFIXES):
-            active += count * (fraction if ROUTED_EXPERTS in name else 1.0)
+            active += count
     return int(active * ELEMENT_BYTES[dtype]), int(total)
 
 
@@ -265,11 +281,11 @@ def _save_inputs(inputs: Any, path: Path) -> None:
 
     from common.deepseek_ocr import IMAGE_TOKEN_ID  # noqa: PLC0415
 
-    if hasattr(inputs, "pixel_values"):  # PaddleOCR-VL
+    if hasattr(inputs, "pixel_values"):  # PaddleOCR-VL (both versions), GLM-OCR
         np.savez(path, input_ids=inputs.input_ids, pixel_values=inputs.pixel_values,
                  image_grid_thw=inputs.image_grid_thw)
         return
-    (image,) = inputs.images
+    (image,) = inputs.images  # DeepSeek-OCR and DeepSeek-OCR-2 (same image token, same view arrays)
     np.savez(path, input_ids=inputs.input_ids, global_view=image.global_view, tiles=image.tiles,
              crop=np.asarray(image.crop, dtype=np.int64), image_mask=inputs.input_ids == IMAGE_TOKEN_ID)
 
@@ -372,9 +388,10 @@ def measure(config: Config, args: argparse.Namespace, inputs: Path) -> dict[str,
                    "--image", str(args.image), *common] + (["--save-inputs", str(inputs)] if not inputs.exists() else [])
         factor = 1.0
     else:
-        python = sys.executable if config.model == "paddleocr-vl" else str(args.reference_python)
+        official = config.model in OFFICIAL_REFERENCE
+        python = str(args.reference_python) if official else sys.executable
         command = [python, str(ROOT / "scripts" / "bench_reference.py"), "--inputs", str(inputs), *common] + (
-            ["--reference-code", str(args.reference_code)] if config.model == "deepseek-ocr" else [])
+            ["--reference-code", str(args.reference_code)] if official else [])
         # converting the bf16 file, transformers briefly holds more than the weights (mapped pages are reclaimable)
         factor = 1.0 + 0.25 * (config.dtype != "bfloat16")
     refusal = _memory_refusal(config.checkpoint, config.model, config.dtype, factor, args.memory_check)
@@ -439,13 +456,13 @@ def _fmt(value: Any, digits: int = 1) -> str:
 def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[str, Any]], notes: list[str]) -> str:
     """The readable report: platform, one summary row per configuration, stage timings, ratios, notes."""
     lines = ["platform: " + ", ".join(f"{k}={v}" for k, v in info.items())]
-    head = (f"{'#':<4}{'model':<13}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'load s':>8}{'TTFT ms':>10}"
+    head = (f"{'#':<4}{'model':<17}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'load s':>8}{'TTFT ms':>10}"
             f"{'vis+pre ms':>11}{'prompt':>7}{'prefill t/s':>12}{'decode t/s':>11}{'pages/min':>10}{'GB/s':>7}"
             f"{'peak RSS GB':>12}")
     lines += ["", head, "-" * len(head)]
     for number, c in enumerate(configs, 1):
         r = c.record
-        start = f"{f'#{number}':<4}{c.model:<13}{c.impl:<11}{c.backend[:19]:<20}{c.dtype:<10}{c.batch:>3}"
+        start = f"{f'#{number}':<4}{c.model:<17}{c.impl:<11}{c.backend[:19]:<20}{c.dtype:<10}{c.batch:>3}"
         if "error" in r:
             lines.append(start + r["error"])
             continue
@@ -467,19 +484,19 @@ def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[st
             lines.append(f"{stage:<28}" + "".join(f"{cell:>{width}}" for cell in cells))
     if ratio_rows:
         lines += ["", "ours / reference (speed-up > 1 = ours faster; memory < 1 = ours smaller)",
-                  f"{'model':<13}{'backend':<8}{'dtype':<10}{'B':>3}{'vis+prefill':>12}{'decode':>8}{'TTFT':>7}"
+                  f"{'model':<17}{'backend':<8}{'dtype':<10}{'B':>3}{'vis+prefill':>12}{'decode':>8}{'TTFT':>7}"
                   f"{'load':>7}{'peak RSS':>9}"]
         for row in ratio_rows:
-            lines.append(f"{row['model']:<13}{row['backend']:<8}{row['dtype']:<10}{row['batch']:>3}"
+            lines.append(f"{row['model']:<17}{row['backend']:<8}{row['dtype']:<10}{row['batch']:>3}"
                          f"{_fmt(row['vision_prefill_speedup'], 2):>12}{_fmt(row['decode_speedup'], 2):>8}"
                          f"{_fmt(row['ttft_speedup'], 2):>7}{_fmt(row['load_speedup'], 2):>7}"
                          f"{_fmt(row['memory_ratio'], 2):>9}")
     scaling = batch_scaling(configs)
     if scaling:
         lines += ["", "batch B decode throughput / batch 1 (same model, implementation, backend, dtype)",
-                  f"{'model':<13}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'decode x':>10}{'pages/min x':>12}"]
+                  f"{'model':<17}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'decode x':>10}{'pages/min x':>12}"]
         for row in scaling:
-            lines.append(f"{row['model']:<13}{row['impl']:<11}{row['backend'][:19]:<20}{row['dtype']:<10}"
+            lines.append(f"{row['model']:<17}{row['impl']:<11}{row['backend'][:19]:<20}{row['dtype']:<10}"
                          f"{row['batch']:>3}{_fmt(row['decode_scaling'], 2):>10}{_fmt(row['pages_scaling'], 2):>12}")
     lines += ["", *notes] if notes else []
     return "\n".join(lines)
@@ -515,7 +532,7 @@ def _choices(value: str, allowed: tuple[str, ...], name: str) -> list[str]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="all", help="deepseek-ocr | paddleocr-vl | all")
+    parser.add_argument("--model", default="all", help=" | ".join((*MODELS, "all")) + " (comma lists work too)")
     parser.add_argument("--backend", default="torch", help="torch | mlx | all (comma lists work too)")
     parser.add_argument("--dtype", default=",".join(BENCH_DTYPES), help="comma list of bfloat16, float32")
     parser.add_argument("--device", default="cpu")
@@ -556,7 +573,7 @@ def _plan(args: argparse.Namespace, notes: list[str]) -> list[Config]:
     if args.checkpoint and len(models) != 1:
         raise SystemExit("bench.py: --checkpoint needs a single --model")
     have_ds_reference = bool(args.reference_code and args.reference_python)
-    if "deepseek-ocr" in models and not args.no_reference and not have_ds_reference:
+    if set(models) & set(OFFICIAL_REFERENCE) and not args.no_reference and not have_ds_reference:
         print(REFERENCE_HELP, flush=True)
         notes.append("DeepSeek-OCR reference: skipped (no --reference-code/--reference-python)")
     configs = []
@@ -565,11 +582,12 @@ def _plan(args: argparse.Namespace, notes: list[str]) -> list[Config]:
         for dtype in dtypes:
             for batch in args.batches:
                 configs += [Config(model, "ours", backend, dtype, checkpoint, batch) for backend in backends]
-                if args.no_reference or (model == "deepseek-ocr" and not have_ds_reference):
+                official = model in OFFICIAL_REFERENCE
+                if args.no_reference or (official and not have_ds_reference):
                     continue
-                if model == "deepseek-ocr" and batch > 1:
+                if official and batch > 1:
                     continue  # the official code's infer() decodes one image at a time
-                name = "official+tf4.46" if model == "deepseek-ocr" else "transformers"
+                name = "official+tf4.46" if official else "transformers"
                 configs.append(Config(model, "reference", name, dtype, checkpoint, batch))
     return configs
 

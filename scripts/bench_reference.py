@@ -1,7 +1,7 @@
 """The reference side of scripts/bench.py: one configuration of a reference implementation, timed like ours.
 
     python scripts/bench_reference.py --model paddleocr-vl --checkpoint SNAPSHOT --inputs INPUTS.npz \
-        --dtype float32 --max-new-tokens 32 --result OUT.json
+        --dtype float32 --max-new-tokens 32 --result OUT.json        # also paddleocr-vl-1.5, glm-ocr, deepseek-ocr-2
     REFVENV/bin/python scripts/bench_reference.py --model deepseek-ocr --reference-code DIR ...
 
 bench.py runs this file in a fresh subprocess per configuration; it imports neither `common` nor our backends,
@@ -11,8 +11,16 @@ decode the same prompt. Timing: a logits processor notes the clock each time `ge
 first time right after the prefill forward, then once per decoded token); forward hooks on the vision tower and
 projector time the image encoding, which both references run inside their first forward.
 
-- PaddleOCR-VL: transformers' `PaddleOCRVLForConditionalGeneration.from_pretrained(snapshot, dtype=...)`, greedy
-  (`do_sample=False`), exactly N tokens (`min_new_tokens=max_new_tokens=N`).
+- PaddleOCR-VL and PaddleOCR-VL 1.5: transformers' `PaddleOCRVLForConditionalGeneration.from_pretrained(snapshot,
+  dtype=...)` (one architecture for both), greedy (`do_sample=False`), exactly N tokens
+  (`min_new_tokens=max_new_tokens=N`), `mm_token_type_ids` marking the image tokens as its processor returns them
+  (without them its generate falls back to 1D text positions).
+- GLM-OCR: transformers' `GlmOcrForConditionalGeneration.from_pretrained(snapshot, dtype=...)`, the same way.
+- DeepSeek-OCR-2: transformers' `DeepseekOcr2ForConditionalGeneration`, which reads the ORIGINAL tensors through
+  its conversion mapping but needs its own config.json: one is written for the snapshot's sizes (read from the
+  original config.json here, see `deepseek2_config`) into a scratch folder beside links to the snapshot's files,
+  and the load must report nothing missing, unexpected or mis-shaped. Greedy with the no-repeat 20-gram rule
+  our default applies (OCR-2's `infer()` keeps OCR-1's).
 - DeepSeek-OCR: the official remote code from `--reference-code DIR` (never part of this repository), loaded with
   `attn_implementation="eager"` (its only CPU attention), called as its `infer()` calls `generate` (greedy,
   no-repeat 20-gram, which our default sampling also applies), but on our inputs and without `infer()`'s
@@ -38,7 +46,9 @@ import numpy as np
 import torch
 
 OFFICIAL_PACKAGE = "deepseek_ocr_official"
-#: `infer()` decodes with no_repeat_ngram_size 20, as our default sampling does.
+#: The models this harness has a reference for (DeepSeek-OCR's needs its own environment; the rest run here).
+MODELS = ("deepseek-ocr", "paddleocr-vl", "paddleocr-vl-1.5", "deepseek-ocr-2", "glm-ocr")
+#: `infer()` decodes with no_repeat_ngram_size 20 (OCR-1 and OCR-2), as our default sampling does.
 DEEPSEEK_NO_REPEAT_NGRAM = 20
 
 
@@ -100,6 +110,10 @@ def timed_generate(model: Any, clock: _Clock, kwargs: dict[str, Any], tokens: in
 
 
 # ------------------------------------------------------------------------------------------------- PaddleOCR-VL
+def _config(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+
+
 def load_paddle(checkpoint: Path, dtype: torch.dtype) -> tuple[Any, list[torch.nn.Module], str]:
     import transformers  # noqa: PLC0415
 
@@ -108,25 +122,124 @@ def load_paddle(checkpoint: Path, dtype: torch.dtype) -> tuple[Any, list[torch.n
     return model, [model.model.visual, model.model.projector], name
 
 
-def paddle_kwargs(checkpoint: Path, arrays: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
-    """Our (patches, C*p*p) pixel rows in transformers' (patches, C, p, p) layout; positions it derives itself."""
-    vision = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))["vision_config"]
-    patch, channels = vision["patch_size"], vision.get("num_channels", 3)
+def _ids(arrays: dict[str, np.ndarray], image_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and mm_token_type_ids (1 on image tokens) of one prompt, as a batch of one."""
     ids = torch.from_numpy(arrays["input_ids"]).to(torch.int64)[None]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": (ids == image_token_id).to(torch.int32)}
+
+
+def paddle_kwargs(checkpoint: Path, arrays: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+    """Our (patches, C*p*p) pixel rows in transformers' (patches, C, p, p) layout; positions it derives itself."""
+    config = _config(checkpoint)
+    vision = config["vision_config"]
+    patch, channels = vision["patch_size"], vision.get("num_channels", 3)
+    return {**_ids(arrays, config["image_token_id"]),
             "pixel_values": torch.from_numpy(arrays["pixel_values"]).reshape(-1, channels, patch, patch).to(dtype),
             "image_grid_thw": torch.from_numpy(arrays["image_grid_thw"]).to(torch.int64)}
 
 
+# ------------------------------------------------------------------------------------------------- GLM-OCR
+def load_glm(checkpoint: Path, dtype: torch.dtype) -> tuple[Any, list[torch.nn.Module], str]:
+    import transformers  # noqa: PLC0415
+
+    model = transformers.GlmOcrForConditionalGeneration.from_pretrained(str(checkpoint), dtype=dtype).eval()
+    name = f"transformers {transformers.__version__} GlmOcrForConditionalGeneration"
+    return model, [model.model.visual], name  # the patch merger is part of `visual`
+
+
+def glm_kwargs(checkpoint: Path, arrays: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+    """Our (patches, C*T*p*p) pixel rows are already transformers' layout."""
+    return {**_ids(arrays, _config(checkpoint)["image_token_id"]),
+            "pixel_values": torch.from_numpy(arrays["pixel_values"]).to(dtype),
+            "image_grid_thw": torch.from_numpy(arrays["image_grid_thw"]).to(torch.int64)}
+
+
+# ------------------------------------------------------------------------------------------------- DeepSeek-OCR-2
+#: The Qwen2 encoder's sizes when `vision_config.width["qwen2-0-5b"]` names only its width (the published file
+#: does): the official encoder's fixed depth, heads, KV heads and MLP width; its rope theta and norm eps.
+QWEN2_ENCODER_FALLBACK = {"layers": 24, "heads": 14, "kv_heads": 2, "intermediate_size": 4864}
+QWEN2_ENCODER_ROPE_THETA = 1_000_000.0
+DEEPSEEK2_IMAGE_TOKEN_ID = 128815  # `<image>` in the tokenizer (OCR-1's)
+
+
+def deepseek2_config(original: dict[str, Any]) -> dict[str, Any]:
+    """transformers' DeepseekOcr2Config arguments for the sizes in an original DeepSeek-OCR-2 config.json.
+
+    The decoder block is `language_config` (repeated at top level); SAM and the encoder are under
+    `vision_config.width`. SAM's second downsample width in the published file is stale: its last conv outputs
+    the encoder width. `vision_config.mlp_ratio` is not SAM's (which keeps 4).
+    """
+    lang = original.get("language_config", original)
+    width = original["vision_config"]["width"]
+    sam, qwen = width["sam_vit_b"], width["qwen2-0-5b"]
+    enc = {key: qwen.get(key, value) for key, value in QWEN2_ENCODER_FALLBACK.items()}
+    sam_config = {"hidden_size": sam["width"], "num_hidden_layers": sam["layers"],
+                  "num_attention_heads": sam["heads"], "global_attn_indexes": list(sam["global_attn_indexes"]),
+                  "downsample_channels": [sam["downsample_channels"][0], qwen["dim"]],
+                  "output_channels": sam.get("out_chans", 256), "image_size": sam.get("image_size", 1024),
+                  "patch_size": sam.get("patch_size", 16), "window_size": sam.get("window_size", 14),
+                  "mlp_ratio": 4.0, "layer_norm_eps": 1e-6}
+    encoder_config = {"hidden_size": qwen["dim"], "num_hidden_layers": enc["layers"],
+                      "num_attention_heads": enc["heads"], "num_key_value_heads": enc["kv_heads"],
+                      "intermediate_size": enc["intermediate_size"], "rms_norm_eps": 1e-6,
+                      "rope_parameters": {"rope_type": "default", "rope_theta": QWEN2_ENCODER_ROPE_THETA}}
+    layers = lang["num_hidden_layers"]
+    dense = lang.get("first_k_dense_replace", 0)
+    freq = lang.get("moe_layer_freq", 1)
+    text_config = {
+        **{key: lang[key] for key in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                                      "num_attention_heads", "num_key_value_heads", "n_routed_experts",
+                                      "n_shared_experts", "num_experts_per_tok")},
+        "num_hidden_layers": layers, "topk_method": lang.get("topk_method", "greedy"),
+        "routed_scaling_factor": lang.get("routed_scaling_factor", 1.0), "n_group": 1, "topk_group": 1,
+        "rms_norm_eps": lang.get("rms_norm_eps", 1e-6),
+        "max_position_embeddings": lang.get("max_position_embeddings", 2048),
+        "bos_token_id": lang.get("bos_token_id", 0), "eos_token_id": lang.get("eos_token_id", 1),
+        "mlp_layer_types": ["sparse" if i >= dense and i % freq == 0 else "dense" for i in range(layers)],
+        "rope_parameters": {"rope_type": "default", "rope_theta": lang.get("rope_theta", 10000.0)}}
+    return {"vision_config": {"sam_config": sam_config, "encoder_config": encoder_config},
+            "text_config": text_config, "image_token_id": DEEPSEEK2_IMAGE_TOKEN_ID}
+
+
+def load_deepseek2(checkpoint: Path, dtype: torch.dtype, workdir: Path) -> tuple[Any, list[torch.nn.Module], str]:
+    import transformers  # noqa: PLC0415
+
+    scratch = workdir / "deepseek-ocr-2"
+    scratch.mkdir()
+    transformers.DeepseekOcr2Config(**deepseek2_config(_config(checkpoint))).save_pretrained(str(scratch))
+    for path in checkpoint.iterdir():
+        if path.name != "config.json":
+            (scratch / path.name).symlink_to(path.resolve())
+    model, info = transformers.DeepseekOcr2ForConditionalGeneration.from_pretrained(
+        str(scratch), dtype=dtype, output_loading_info=True)
+    wrong = {kind: names for kind, names in info.items() if names}
+    if wrong:
+        raise SystemExit(f"transformers did not load the snapshot as it is: {str(wrong)[:1000]}")
+    model.eval()
+    name = f"transformers {transformers.__version__} DeepseekOcr2ForConditionalGeneration"
+    return model, [model.model.vision_tower, model.model.multi_modal_projector], name
+
+
+def deepseek2_kwargs(arrays: dict[str, np.ndarray], dtype: torch.dtype) -> dict[str, Any]:
+    """One image: its 1024 px global view, its 768 px tiles (none for a small page) and their count."""
+    ids = torch.from_numpy(arrays["input_ids"]).to(torch.int64)[None]
+    tiles = torch.from_numpy(arrays["tiles"]).to(dtype)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.from_numpy(arrays["global_view"]).to(dtype)[None],
+            "pixel_values_local": tiles if tiles.shape[0] else None,
+            "num_local_patches": torch.tensor([tiles.shape[0]], dtype=torch.int64)}
+
+
 def batched(kwargs: dict[str, Any], rows: int) -> dict[str, Any]:
-    """The same page as `rows` rows of one batch: ids and mask stacked, each row's patches and grid repeated
-    (equal lengths, so no padding is involved)."""
+    """The same page as `rows` rows of one batch: per-token tensors stacked as rows, each row's pixels (patches,
+    views or tiles), grids and tile counts repeated along their first axis (equal lengths: no padding)."""
     if rows == 1:
         return kwargs
-    return {"input_ids": kwargs["input_ids"].repeat(rows, 1),
-            "attention_mask": kwargs["attention_mask"].repeat(rows, 1),
-            "pixel_values": kwargs["pixel_values"].repeat(rows, 1, 1, 1),
-            "image_grid_thw": kwargs["image_grid_thw"].repeat(rows, 1)}
+    per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+    return {key: value if value is None else
+            value.repeat(rows, 1) if key in per_token else value.repeat(rows, *([1] * (value.dim() - 1)))
+            for key, value in kwargs.items()}
 
 
 # ------------------------------------------------------------------------------------------------- DeepSeek-OCR
@@ -201,9 +314,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         started = time.perf_counter()
         options: dict[str, Any] = {}
-        if args.model == "paddleocr-vl":
+        if args.model in ("paddleocr-vl", "paddleocr-vl-1.5"):
             model, vision, name = load_paddle(args.checkpoint, dtype)
             kwargs = batched(paddle_kwargs(args.checkpoint, arrays, dtype), args.batch)
+        elif args.model == "glm-ocr":
+            model, vision, name = load_glm(args.checkpoint, dtype)
+            kwargs = batched(glm_kwargs(args.checkpoint, arrays, dtype), args.batch)
+        elif args.model == "deepseek-ocr-2":
+            model, vision, name = load_deepseek2(args.checkpoint, dtype, Path(workdir))
+            kwargs = batched(deepseek2_kwargs(arrays, dtype), args.batch)
+            options = {"no_repeat_ngram_size": DEEPSEEK_NO_REPEAT_NGRAM}
         else:
             if args.reference_code is None:
                 raise SystemExit("--reference-code is required for deepseek-ocr")
@@ -234,7 +354,7 @@ def _version(package: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["deepseek-ocr", "paddleocr-vl"], required=True)
+    parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--inputs", type=Path, required=True, help="arrays written by bench.py")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")

@@ -69,6 +69,63 @@ def test_paddle_with_transformers_reference(tmp_path: Path, paddle_tiny: Path) -
     assert "ours / reference" in stdout
 
 
+@pytest.mark.parametrize("model, fixture", [("paddleocr-vl-1.5", "paddle15_tiny"), ("glm-ocr", "glm_tiny"),
+                                            ("deepseek-ocr-2", "deepseek2_tiny")])
+def test_newer_models_with_their_transformers_reference(tmp_path: Path, model: str, fixture: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    """Each newer model against transformers' own class on the same snapshot, decoding the inputs we captured."""
+    pytest.importorskip("transformers")
+    stdout, data = _bench(tmp_path, "--model", model, "--checkpoint", str(request.getfixturevalue(fixture)))
+    ours, ref = data["runs"]
+    assert (ours["model"], ours["impl"], ref["model"], ref["impl"]) == (model, "ours", model, "reference")
+    _check_run(ours)
+    _check_run(ref, prompt_tokens=ours["prompt_tokens"])
+    assert ref["backend"].startswith("transformers ") and ref["timings_ms"]["vision.compute_embeddings"] > 0
+    (ratio,) = data["ratios"]
+    assert ratio["model"] == model and ratio["decode_speedup"] > 0
+    assert f"{model} " in stdout and "DeepSeek-OCR reference skipped" not in stdout
+
+
+def test_deepseek2_reference_config_has_the_real_checkpoints_size() -> None:
+    """The transformers config bench_reference writes for the published config.json builds a model with exactly
+    the parameters of the published checkpoint (its manifest), so the full-size reference loads the same weights."""
+    transformers = pytest.importorskip("transformers")
+    import math
+
+    import torch
+
+    from scripts import bench_reference
+
+    reference = ROOT / "tests" / "data" / "reference" / "deepseek-ocr-2"
+    original = json.loads((reference / "config.json").read_text())
+    config = transformers.DeepseekOcr2Config(**bench_reference.deepseek2_config(original))
+    with torch.device("meta"):
+        model = transformers.DeepseekOcr2ForConditionalGeneration(config)
+    manifest = json.loads((reference / "manifest_full.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == sum(math.prod(shape) for _, shape, _ in manifest)
+    assert config.text_config.mlp_layer_types[:2] == ["dense", "sparse"]  # first_k_dense_replace 1
+
+
+def test_active_weight_bytes_counts_glm_decoder_without_its_mtp_layer(tmp_path: Path) -> None:
+    """GLM-OCR's decoder is under model.language_model.; the multi-token-prediction layer (index
+    num_hidden_layers) is never run by a decode step, and neither is the vision tower."""
+    tensors = {"model.language_model.embed_tokens.weight": [100, 8],
+               "model.language_model.layers.0.self_attn.q_proj.weight": [8, 8],
+               "model.language_model.layers.1.mlp.down_proj.weight": [8, 16],
+               "model.language_model.layers.2.eh_proj.weight": [8, 16],
+               "model.language_model.layers.2.self_attn.q_proj.weight": [8, 8],
+               "model.language_model.norm.weight": [8], "model.visual.blocks.0.attn.qkv.weight": [24, 8],
+               "lm_head.weight": [100, 8]}
+    header = json.dumps({name: {"dtype": "BF16", "shape": shape, "data_offsets": [0, 0]}
+                         for name, shape in tensors.items()}).encode()
+    (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"text_config": {"num_hidden_layers": 2, "tie_word_embeddings": False}}))
+    active, params = bench.active_weight_bytes(tmp_path, "glm-ocr", "bfloat16")
+    assert active == (64 + 128 + 8 + 800) * 2  # layers 0-1, final norm, head
+    assert params == 800 + 64 + 128 + 128 + 64 + 8 + 192 + 800
+
+
 def test_active_weight_bytes_counts_what_a_decode_step_reads(tmp_path: Path) -> None:
     """Decoder weights whole, routed experts at top-k/n, vision and the embedding lookup not at all."""
     tensors = {"model.embed_tokens.weight": [100, 8], "model.sam_model.blocks.0.w": [50, 50],
