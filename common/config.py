@@ -457,8 +457,10 @@ def load_settings(config_path: Path | None = None, flags: Mapping[str, Any] = {}
 
 
 def _checkpoint_model(entry: ModelEntry, active: str, model_given: bool, spell: Callable[..., str]) -> str:
-    """The model whose checkpoint the path flags point at: `active`, or the family config.json's `model_type`
-    names when no model was given; a typed model that does not match is a `UserError` saying which flag to add."""
+    """The model whose checkpoint the path flags point at: `active` when its family claims config.json, else the
+    family config.json's `model_type` names when no model was given (the first in registry order: a PaddleOCR-VL
+    1.5 snapshot, whose config.json is v1's, needs the model named); a typed model that does not match is a
+    `UserError` saying which flag to add."""
     where, config = ((spell("model_config"), entry.config) if entry.config is not None
                      else (spell("model_dir"), (entry.model_dir or Path()) / "config.json"))
     try:
@@ -468,9 +470,10 @@ def _checkpoint_model(entry: ModelEntry, active: str, model_given: bool, spell: 
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str):
         return active
+    own = get_family(active)
+    if own.matches_model_type(model_type) and own.matches_config(raw):
+        return active  # also a family that shares another's config.json (PaddleOCR-VL 1.5 has v1's)
     holder = family_of_config(raw)
-    if holder is not None and holder.id == active:
-        return active
     if holder is not None and not model_given:
         log.info("%s holds a %s checkpoint: using model %s", config.parent, holder.display_name, holder.id)
         return holder.id

@@ -364,4 +364,11 @@ def test_a_model_dir_that_contradicts_the_model_flag_names_both(cfg: Path, tmp_p
         load_settings(cfg, {"model_dir": str(unknown)})
     # The matching model, and a folder whose config.json cannot tell, load as given.
     assert load_settings(cfg, {"model": "paddleocr-vl", "model_dir": str(snap)}).active_model == "paddleocr-vl"
+    # PaddleOCR-VL 1.5's config.json is v1's (same model_type and architecture): the named version is taken.
+    named = load_settings(cfg, {"model": "paddleocr-vl-1.5", "model_dir": str(snap)})
+    assert named.active_model == "paddleocr-vl-1.5" and named.entry().model_dir == snap
+    assert load_settings(cfg, {"model_dir": str(snap)}).active_model == "paddleocr-vl"
+    deepseek = _snapshot(tmp_path / "ds", "deepseek_vl_v2")
+    with pytest.raises(UserError, match=r"not PaddleOCR-VL 1\.5; use --model deepseek-ocr$"):
+        load_settings(cfg, {"model": "paddleocr-vl-1.5", "model_dir": str(deepseek)})
     assert load_settings(cfg, {"model_dir": str(tmp_path / "absent")}).active_model == "deepseek-ocr"
