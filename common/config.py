@@ -571,9 +571,11 @@ def _parse_models(path: Path, raw: Any) -> dict[str, Any]:
         elif key == "entries":
             for model_id, entry in _table(path, "[models.entries]", value).items():
                 if model_id not in MODEL_IDS:
-                    raise ConfigError(
-                        f"{path}: [models.entries.{model_id}]: unknown model (allowed: {' | '.join(MODEL_IDS)})"
-                    )
+                    dotted = [known for known in MODEL_IDS if known.startswith(model_id + ".")]
+                    hint = (f"; an id with a dot needs quotes in TOML: [models.entries.\"{dotted[0]}\"]"
+                            if dotted else "")
+                    raise ConfigError(f"{path}: [models.entries.{model_id}]: unknown model "
+                                      f"(allowed: {' | '.join(MODEL_IDS)}){hint}")
                 result[model_id] = _parse_entry(path, model_id, entry)
         else:
             raise _unknown(path, "[models] ", key, ("active", "entries"))

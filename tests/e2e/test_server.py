@@ -45,7 +45,7 @@ class ServerProcess:
     def __init__(self, workdir: Path, entries: dict[str, Path], **server: object) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        lines = [f'[models.entries.{mid}]\nmodel_dir = "{path}"' for mid, path in entries.items()]
+        lines = [f'[models.entries."{mid}"]\nmodel_dir = "{path}"' for mid, path in entries.items()]
         # mode "tiny" (one 512 view, no crops) keeps the DeepSeek-OCR vision tower cheap on a shared CPU.
         lines.append('[inference]\ndevice = "cpu"\nbackend = "torch"\nmax_new_tokens = 6\nmode = "tiny"')
         settings = {"host": "127.0.0.1", "port": self.port} | server

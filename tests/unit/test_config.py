@@ -144,6 +144,8 @@ BAD_FILES = [
     ("[server]\nbogus = true\n", ["[server] bogus", "allowed: host, port"]),
     ("[models]\nactive = \"gpt-4\"\n", ["[models] active", "deepseek-ocr | paddleocr-vl"]),
     ("[models.entries.llama]\nmodel_dir = \"x\"\n", ["[models.entries.llama]", "deepseek-ocr | paddleocr-vl"]),
+    ("[models.entries.paddleocr-vl-1.5]\nmodel_dir = \"x\"\n",
+     ["[models.entries.paddleocr-vl-1]", 'needs quotes in TOML: [models.entries."paddleocr-vl-1.5"]']),
     ("[models.entries.deepseek-ocr]\nweight = \"x\"\n", ["[models.entries.deepseek-ocr] weight", "model_dir"]),
     ("[models.entries.deepseek-ocr]\nweights = 3\n", ["[models.entries.deepseek-ocr] weights", "path"]),
     ("[extra]\nx = 1\n", ["unknown key extra", "inference"]),
