@@ -60,6 +60,7 @@ def _lines(proc: subprocess.CompletedProcess[str]) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines()]
 
 
+@pytest.mark.slow  # model runs in subprocesses: 6-30 s each on two cores
 def test_folder_of_mixed_formats_one_answer_per_page_corrupt_page_reported(run, tmp_path: Path) -> None:
     scans = tmp_path / "scans"
     _image(scans / "a.png")
@@ -94,6 +95,7 @@ def test_folder_of_mixed_formats_one_answer_per_page_corrupt_page_reported(run, 
     assert bad["failed"][0]["page"] == 1 and not bad["complete"]
 
 
+@pytest.mark.slow  # model runs in subprocesses: 6-30 s each on two cores
 def test_shell_glob_each_file_its_own_answer_and_the_two_forms_kept_apart(run, tmp_path: Path) -> None:
     names = [str(_image(tmp_path / f"p{i}.png", (80 + 8 * i, 60))) for i in (1, 2, 3)]  # what `p*.png` gives
     proc = run(*names, "--batch-size", "2")
@@ -107,6 +109,7 @@ def test_shell_glob_each_file_its_own_answer_and_the_two_forms_kept_apart(run, t
     assert several.returncode == 2 and "ONE prompt" in several.stderr
 
 
+@pytest.mark.slow  # model runs in subprocesses: 6-30 s each on two cores
 def test_empty_and_password_protected_pdfs_are_reported_the_rest_goes_on(run, tmp_path: Path) -> None:
     _image(tmp_path / "good.png")
     (tmp_path / "empty.pdf").write_bytes(b"")
@@ -122,6 +125,7 @@ def test_empty_and_password_protected_pdfs_are_reported_the_rest_goes_on(run, tm
     assert "locked.pdf is password-protected" in alone.stderr
 
 
+@pytest.mark.slow  # model runs in subprocesses: 6-30 s each on two cores
 def test_interrupted_run_keeps_finished_pages_then_resume_finishes(tmp_path: Path, deepseek_tiny: Path) -> None:
     (tmp_path / "doc.pdf").write_bytes(make_pdf([(72, 72)] * 3, black_box=False))
     slow = ["--mode", "tiny", "--device", "cpu", "--backend", "torch", "--max-new-tokens", "60", "--ignore-eos"]
@@ -153,6 +157,7 @@ def test_interrupted_run_keeps_finished_pages_then_resume_finishes(tmp_path: Pat
     assert summary["complete"] and [p["page"] for p in summary["pages"]] == [1, 2, 3]
 
 
+@pytest.mark.slow  # model runs in subprocesses: 6-30 s each on two cores
 def test_overwrite_refusal_then_overwrite_and_changed_settings_rerun(run, tmp_path: Path) -> None:
     _image(tmp_path / "page.png")
     assert run("page.png", "--output-dir", "out").returncode == 0

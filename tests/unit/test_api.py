@@ -94,6 +94,7 @@ def test_every_input_form_reads_the_same_image(deepseek: OCR, page: Image.Image,
         assert deepseek(source).token_ids == expected, type(source)
 
 
+@pytest.mark.slow
 def test_url_input(deepseek: OCR, page_file: Path) -> None:
     body = page_file.read_bytes()
 

@@ -26,6 +26,7 @@ def _pages() -> list[Image.Image]:
     return [Image.new("RGB", (64 + 16 * i, 48), (255 - 60 * i, 255, 255)) for i in range(3)]
 
 
+@pytest.mark.slow  # four model runs: ~7 s on two cores
 def test_map_equals_one_call_per_image_in_order(ocr: OCR) -> None:
     pages = _pages()
     one_by_one = [ocr(page, ignore_eos=True).token_ids for page in pages]
