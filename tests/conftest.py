@@ -61,3 +61,11 @@ def glm_tiny() -> Path:
 def deepseek2_tiny() -> Path:
     """Directory of a tiny DeepSeek-OCR-2 snapshot (real names and config structure, DeepSeek-OCR's tokenizer)."""
     return _build_cached("deepseek-ocr-2", "ckpt_deepseek_ocr2.py")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    """Name the shuffled order's seed even under `-q` (which hides pytest-randomly's header line), so a failure
+    that depends on order can be repeated."""
+    if config.pluginmanager.hasplugin("randomly") and hasattr(config.option, "randomly_seed"):
+        terminalreporter.write_line(f"test order: --randomly-seed={config.option.randomly_seed} repeats it")
