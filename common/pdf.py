@@ -36,7 +36,7 @@ MAX_PAGE_PIXELS = 64_000_000
 _HEADER_WINDOW = 1024
 
 # pdfium error codes (FPDF_GetLastError), as pypdfium2 reports them in `PdfiumError.err_code`.
-_ERR_FILE, _ERR_FORMAT, _ERR_PASSWORD = 2, 3, 4
+_ERR_SUCCESS, _ERR_FILE, _ERR_FORMAT, _ERR_PASSWORD = 0, 2, 3, 4
 
 _LOCK = threading.RLock()
 
@@ -147,6 +147,8 @@ class PdfFile:
                 " and the password is wrong" if password else "; remove the protection first"))
         if code == _ERR_FORMAT:
             return ImageError(f"{self.name} is not a readable PDF (corrupt, truncated or not a PDF)")
+        if code == _ERR_SUCCESS:  # pdfium refused without a reason: seen for a page tree with no pages
+            return ImageError(f"{self.name} is not a readable PDF (no pages, or a broken page tree)")
         if code == _ERR_FILE:
             return ImageError(f"cannot read {self.name}")
         return ImageError(f"cannot open {self.name}: {exc}")

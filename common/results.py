@@ -171,10 +171,37 @@ class OutputDir:
         atomic_write(folder / RESULT_JSON, json.dumps(summary, ensure_ascii=False, indent=1))
 
 
+def page_marker(number: int) -> str:
+    """The line that opens page `number` wherever pages are joined into one text (result.md, a server answer
+    for a PDF): an HTML comment, so Markdown renderers show nothing while a reader can still split the text."""
+    return f"<!-- page {number} -->"
+
+
+def page_heading(number: int, *, first: bool) -> str:
+    """What goes before page `number`'s text in a joined document: its marker and a blank line, after a blank
+    line that ends the previous page unless it is the `first`. Streamed pieces built from it concatenate to
+    `join_pages`."""
+    return ("" if first else "\n\n") + page_marker(number) + "\n\n"
+
+
+def join_pages(pages: Iterable[tuple[int, str]]) -> str:
+    """(page number, text) pairs as one text, each page after its `page_marker` line."""
+    return "".join(page_heading(number, first=i == 0) + text for i, (number, text) in enumerate(pages))
+
+
 def join_markdown(pages: list[dict[str, Any]]) -> str:
     """The document's Markdown: each page after a `<!-- page N -->` line (figure links stay valid: the pages'
     Markdown files sit in the same folder)."""
-    return "\n\n".join(f"<!-- page {r['page']} -->\n\n{r['markdown']}" for r in pages) + "\n"
+    return join_pages((r["page"], r["markdown"]) for r in pages) + "\n"
+
+
+def blocks_page(number: int, text: str, size: tuple[int, int], *, plain_label: str = "text",
+                finish_reason: str | None = None) -> dict[str, Any]:
+    """Page `number`'s layout blocks `{label, text, box}` (pixels of the page of `size`), as the page records
+    of `--output-dir` hold them (`page_layout`), for answers that carry no files: figure crop names dropped."""
+    blocks = [{k: v for k, v in block.items() if k != "figures"}
+              for block in page_layout(text, size, plain_label=plain_label).blocks]
+    return {"page": number, "width": size[0], "height": size[1], "blocks": blocks, "finish_reason": finish_reason}
 
 
 def summed_timings(records: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -41,7 +41,7 @@ class Ticket:
         gate = self._gate
         if self.pixels + pixels > gate.max_request_pixels:
             raise ImageError(f"the images of this request hold {self.pixels + pixels} pixels in all, over the "
-                             f"limit of {gate.max_request_pixels}", param="messages")
+                             f"limit of {gate.max_request_pixels} (--max-request-pixels)", param="messages")
         if gate.pixels + pixels > gate.max_pixels:
             raise BusyError("too many image pixels are being processed; retry shortly", retry_after=1)
         self.pixels += pixels

@@ -210,20 +210,25 @@ async def _read_capped(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_data_url(url: str, max_bytes: int) -> bytes:
-    """The bytes of a `data:[<mime>][;base64],<payload>` URL; only image types (or none) are accepted."""
+def decode_data_url(url: str, max_bytes: int, *, pdf: bool = False) -> bytes:
+    """The bytes of a `data:[<mime>][;base64],<payload>` URL; only image types (or none) are accepted, or with
+    `pdf` (a PDF file part) `application/pdf` (or none). Both are capped at `max_bytes` (`--image-max-bytes`)."""
     header, sep, payload = url[5:].partition(",")
     if not sep:
         raise ImageError("data URL has no ',' separating header and payload", param="messages")
     params = [p.strip().lower() for p in header.split(";")]
     mime = params[0]
-    if mime == "application/pdf":
-        raise ImageError("PDF files are not accepted here: send each page as an image", param="messages")
-    if mime and not mime.startswith(_ACCEPTED_TYPES):
+    if pdf and mime not in ("", "application/pdf", "application/octet-stream"):
+        raise ImageError(f"a PDF file part holds data URL type {mime!r}, not application/pdf", param="messages")
+    if not pdf and mime == "application/pdf":
+        raise ImageError("PDF files are not accepted in image parts: send a PDF as a 'file' part (chat) or an "
+                         "'input_file' part (responses)", param="messages")
+    if not pdf and mime and not mime.startswith(_ACCEPTED_TYPES):
         raise ImageError(f"data URL type {mime!r} is not an image", param="messages")
     # base64 inflates by 4/3: refuse oversized payloads before decoding them.
     if len(payload) > max_bytes * 4 // 3 + 4:
-        raise ImageError(f"image is larger than {max_bytes} bytes", param="messages")
+        raise ImageError(f"{'PDF file' if pdf else 'image'} is larger than {max_bytes} bytes (--image-max-bytes)",
+                         param="messages")
     if "base64" in params[1:]:
         try:
             data = base64.b64decode("".join(payload.split()), validate=True)

@@ -1,7 +1,8 @@
 """Route handlers: parse, fold the chat, queue the request, format the pipeline's events for the wire.
 
 Handlers never touch a model. Both APIs share one path (`_prepare` -> `_pieces`); they differ only in the
-objects they write (`formats.py`). A streamed answer waits for its first event before sending headers, so errors
+objects they write (`formats.py`). A PDF file part is one request per page (`server.documents`), answered as the
+pages joined after `<!-- page N -->` markers (`_joined`) or as layout blocks in JSON (`_blocks`). A streamed answer waits for its first event before sending headers, so errors
 that happen before any text (a model that fails to load, a bad prompt) still get their proper HTTP status.
 """
 from __future__ import annotations
@@ -25,14 +26,15 @@ from sanic.response import HTTPResponse, json as json_response
 from common.errors import ImageError
 from common.generation import GeneratedToken
 from common.pipeline import Request, Result
-from common.prompts import FoldedPrompt, fold_messages
+from common.prompts import fold_messages
 from common.models import FAMILIES
 from common.registry import MODEL_IDS, get_model
+from common.results import blocks_page, page_heading
 
-from . import tasks
+from . import documents, tasks
 from .errors import AuthError, RequestError, openai_error
-from .formats import ChatFormat, ResponsesFormat, Usage, sse_data
-from .schemas import CallSpec, parse_chat, parse_responses
+from .formats import ChatFormat, ResponsesFormat, Usage, dumps, sse_data
+from .schemas import BLOCKS_FORMAT, CallSpec, parse_chat, parse_responses
 from .stops import StopFilter
 
 log = logging.getLogger("deepseek_ocr.server")
@@ -221,35 +223,50 @@ def _part_url(part: dict[str, Any]) -> str:
     return value
 
 
-async def fold(messages: list[dict[str, Any]], load_all: Callable[[list[str]], Awaitable[list[Image.Image]]]
-               ) -> FoldedPrompt:
-    """`fold_messages` with images loaded asynchronously: fold once with stand-ins (which validates the turn
-    and collects its image parts, in order), then load those images together (`load_all` checks their count
-    before loading any). Each part is one image, so the prompt text of the stand-in fold is the final one."""
+def _fold_parts(messages: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    """Fold once with stand-ins, which validates the turn: (its prompt text, its image-like parts in order).
+    Each part is one `<image>` (a PDF part too: each page is then read on its own with this prompt)."""
     parts: list[dict[str, Any]] = []
 
     def collect(part: dict[str, Any]) -> Image.Image:
         parts.append(part)
         return _STAND_IN
 
-    folded = fold_messages(messages, collect)
-    images = await load_all([_part_url(part) for part in parts])
-    return FoldedPrompt(folded.prompt, images)
+    return fold_messages(messages, collect).prompt, parts
 
 
 async def _prepare(request: HttpRequest, spec: CallSpec) -> AsyncIterator[Piece]:
-    """Validate against the settings, fold, then queue; returns the answer's pieces (not yet started)."""
+    """Validate against the settings, fold, then queue; returns the answer's pieces (not yet started).
+
+    A turn holding a PDF becomes one request per page (`server.documents`), answered as the pages' texts joined
+    after page markers (`_joined`) or, with `spec.blocks`, as one JSON document of layout blocks (`_blocks`)."""
     state = request.app.ctx.state
     get_model(spec.model)
     state.check_overrides(spec)
     ticket = getattr(request.ctx, "ticket", None)
-    folded = await fold(spec.messages, lambda urls: state.loader.load_all(urls, ticket))
-    if tasks.is_task_request(folded.prompt, len(folded.images)):
-        log.info("request %s: Open WebUI task prompt answered without the model", request.ctx.request_id)
-        return _canned(await state.loader.run(tasks.answer_task, folded.prompt))
-    job = state.scheduler.submit(Request(prompt=folded.prompt, images=folded.images, model=spec.model,
-                                         overrides=spec.overrides()))
-    return _pieces(job, spec.stop)
+    prompt, parts = _fold_parts(spec.messages)
+    document = documents.document_part(parts)
+    if document is not None:
+        images = await documents.load_pdf(state.loader, document, ticket)
+    else:
+        images = await state.loader.load_all([_part_url(part) for part in parts], ticket)
+        if not spec.blocks:
+            if tasks.is_task_request(prompt, len(images)):
+                log.info("request %s: Open WebUI task prompt answered without the model", request.ctx.request_id)
+                return _canned(await state.loader.run(tasks.answer_task, prompt))
+            job = state.scheduler.submit(Request(prompt=prompt, images=images, model=spec.model,
+                                                 overrides=spec.overrides()))
+            return _pieces(job, spec.stop)
+        if len(images) != 1:
+            raise RequestError(f"'{BLOCKS_FORMAT}' needs exactly one image or one PDF file in the turn (boxes are "
+                               f"in pixels of its page), got {len(images)} images", param="response_format")
+    sizes = [image.size for image in images]
+    feeder = documents.PageFeeder(state.scheduler, [
+        Request(prompt=prompt, images=[image], model=spec.model, overrides=spec.overrides()) for image in images])
+    images.clear()  # the requests hold the pages now; they are let go as each page finishes
+    if spec.blocks:
+        return _blocks(feeder, sizes, spec.stop, state.loader.run)
+    return _joined(feeder, spec.stop)
 
 
 async def _canned(text: str) -> AsyncIterator[Piece]:
@@ -284,6 +301,77 @@ async def _pieces(job: Any, stops: tuple[str, ...]) -> AsyncIterator[Piece]:
         raise RuntimeError("the pipeline ended without a Result")
     finish = "length" if result.finish_reason == "length" and not stop.matched else "stop"
     yield Final(finish, Usage(result.prompt_tokens, result.completion_tokens))
+
+
+async def _page_pieces(feeder: documents.PageFeeder, stops: tuple[str, ...]
+                       ) -> AsyncIterator[tuple[int, Piece]]:
+    """(page index, piece) for every page in order, each page's pieces ending with its `Final`; later pages are
+    submitted as the queue makes room; every unfinished page is cancelled if the answer is abandoned."""
+    try:
+        for index in range(len(feeder)):
+            pieces = _pieces(feeder.job(index), stops)
+            try:
+                async for piece in pieces:
+                    feeder.top_up()
+                    yield index, piece
+            finally:
+                await pieces.aclose()
+    finally:
+        feeder.cancel()
+
+
+def _summed(finals: list[Final]) -> Final:
+    """One `Final` for a document: usage summed over its pages; "length" when any page hit the token cap."""
+    finish = "length" if any(f.finish_reason == "length" for f in finals) else "stop"
+    return Final(finish, Usage(sum(f.usage.prompt_tokens for f in finals),
+                               sum(f.usage.completion_tokens for f in finals)))
+
+
+async def _joined(feeder: documents.PageFeeder, stops: tuple[str, ...]) -> AsyncIterator[Piece]:
+    """The pages' answers as one text, each after its `page_heading` (`<!-- page N -->`): streamed in page
+    order, and equal to `common.results.join_pages` of the pages' texts. A page's heading is given once its
+    first piece has arrived, so an error before any text keeps its HTTP status."""
+    finals: list[Final] = []
+    headed = -1
+    pages = _page_pieces(feeder, stops)
+    try:
+        async for index, piece in pages:
+            if headed < index:
+                headed = index
+                yield TextPiece(page_heading(index + 1, first=index == 0))
+            if isinstance(piece, Final):
+                finals.append(piece)
+            else:
+                yield piece
+    finally:
+        await pages.aclose()  # now, not when collected: cancels the pages of an abandoned answer
+    yield _summed(finals)
+
+
+async def _blocks(feeder: documents.PageFeeder, sizes: list[tuple[int, int]], stops: tuple[str, ...],
+                  run: Callable[..., Awaitable[Any]]) -> AsyncIterator[Piece]:
+    """The answer as ONE JSON text `{"pages": [{page, width, height, blocks, finish_reason}]}` (the blocks of
+    `common.results.blocks_page`, boxes in pixels of each page), given once every page is done; `run` puts the
+    post-processing on the loader's pool."""
+    texts: list[list[str]] = [[] for _ in sizes]
+    finals: list[Final] = []
+    pages = _page_pieces(feeder, stops)
+    try:
+        async for index, piece in pages:
+            if isinstance(piece, Final):
+                finals.append(piece)
+            else:
+                texts[index].append(piece.text)
+    finally:
+        await pages.aclose()
+
+    def build() -> str:
+        pages = [blocks_page(i + 1, "".join(parts), size, finish_reason=final.finish_reason)
+                 for i, (parts, size, final) in enumerate(zip(texts, sizes, finals))]
+        return dumps({"pages": pages})
+
+    yield TextPiece(await run(build))
+    yield _summed(finals)
 
 
 async def _collect(pieces: AsyncIterator[Piece]) -> tuple[list[TextPiece], Final]:

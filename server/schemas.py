@@ -23,6 +23,9 @@ MAX_STOP_CHARS = 1000
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 IMAGE_DETAILS = ("auto", "low", "high", "original")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+#: The `json_schema` name that asks for the layout blocks of each page as the answer, a JSON document
+#: `{"pages": [{"page", "width", "height", "blocks": [{"label", "text", "box"}], "finish_reason"}]}`.
+BLOCKS_FORMAT = "ocr_blocks"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class CallSpec:
     stream: bool = False
     include_usage: bool = False
     instructions: str | None = None             # Responses only: echoed back, never shown to the model
+    blocks: bool = False                        # answer with the pages' layout blocks as JSON (BLOCKS_FORMAT)
     extras: dict[str, Any] = field(default_factory=dict)
 
     def overrides(self) -> dict[str, Any]:
@@ -189,10 +193,14 @@ def parse_chat(body: Any) -> CallSpec:
     fmt = _get(body, "response_format", (dict,), "an object")
     if fmt is not None and fmt.get("type") not in RESPONSE_FORMATS:
         raise _fail(f"'response_format.type' must be one of {', '.join(RESPONSE_FORMATS)}", "response_format")
+    blocks = fmt is not None and fmt.get("type") == "json_schema" and _is_blocks_schema(fmt.get("json_schema"))
     logprobs = bool(_get(body, "logprobs", (bool,), "a boolean"))
     top_logprobs = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
     if top_logprobs and not logprobs:
         raise _fail("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if blocks and logprobs:
+        raise _fail(f"'logprobs' cannot be combined with the '{BLOCKS_FORMAT}' response format (the answer is "
+                    "JSON built from the model's text, not its tokens)", "logprobs")
     return CallSpec(
         api="chat", model=_model(body), messages=_messages(body.get("messages")),
         max_tokens=max_completion if max_completion is not None else max_tokens,  # the newer name wins
@@ -200,7 +208,24 @@ def parse_chat(body: Any) -> CallSpec:
         top_p=_number_in(body, "top_p", 0.0, 1.0, open_low=True),
         seed=_int_in(body, "seed", 0, (1 << 63) - 1),  # the range config.toml allows
         stop=_stop(body), logprobs=logprobs, top_logprobs=top_logprobs,
-        stream=stream, include_usage=include_usage)
+        stream=stream, include_usage=include_usage, blocks=blocks)
+
+
+def _is_blocks_schema(schema: Any) -> bool:
+    """True for a json_schema object named `BLOCKS_FORMAT`; any other schema keeps the plain answer (as
+    before: the OCR models cannot follow a schema)."""
+    return isinstance(schema, dict) and schema.get("name") == BLOCKS_FORMAT
+
+
+def _responses_blocks(body: dict[str, Any]) -> bool:
+    """Responses' structured output, `text: {"format": {"type": "json_schema", "name": "ocr_blocks"}}`."""
+    text = _get(body, "text", (dict,), "an object") or {}
+    fmt = _get(text, "format", (dict,), "an object")
+    if fmt is None:
+        return False
+    if fmt.get("type") not in RESPONSE_FORMATS:
+        raise _fail(f"'text.format.type' must be one of {', '.join(RESPONSE_FORMATS)}", "text")
+    return fmt.get("type") == "json_schema" and _is_blocks_schema(fmt)
 
 
 def _response_input(value: Any) -> list[dict[str, Any]]:
@@ -234,4 +259,5 @@ def parse_responses(body: Any) -> CallSpec:
         temperature=_number_in(body, "temperature", 0.0, 2.0),
         top_p=_number_in(body, "top_p", 0.0, 1.0, open_low=True),
         stream=bool(_get(body, "stream", (bool,), "a boolean")), instructions=instructions,
+        blocks=_responses_blocks(body),
         extras={"metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {}})
