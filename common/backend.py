@@ -38,5 +38,6 @@ class LoadedModel(Protocol):
 class LoadModel(Protocol):
     def __call__(self, kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
                  quantize: int | None = None, group_size: int = 64) -> LoadedModel:
-        """Load `kind`; `quantize` (4 or 8 bits, groups of `group_size`) is an MLX-only option."""
+        """Load `kind`; `quantize` 4 or 8 quantizes the decoder at load time (groups of `group_size` weights; torch's
+        8 bits have one scale per output channel instead). Each backend also loads its own converted snapshots."""
         ...

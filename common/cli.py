@@ -29,8 +29,10 @@ Usage:
       one request: ONE ANSWER for all its images, the prompt has one <image> per --image
   deepseek-ocr-cli render RAW.txt --image PAGE [--output-dir DIR] [--format text|json] [--label text]
       the post-processing of a run (Markdown, blocks, annotated page, figures) on model text made elsewhere
-  deepseek-ocr-cli convert --quantize 4|8 --output DIR [--model ID | --model-dir DIR] [--group-size 64] [--vision]
-      write a pre-quantized MLX snapshot (for 8-16 GB Macs); run it later with --model-dir DIR --backend mlx
+  deepseek-ocr-cli convert --quantize 4|8 --output DIR [--model ID | --model-dir DIR] [--backend B] [--group-size 64]
+                          [--dtype bfloat16] [--vision]
+      write a pre-quantized snapshot for the backend (default: as --backend auto picks; the layouts differ);
+      run it later with --model-dir DIR --backend B
 
 Examples:
   deepseek-ocr-cli scans/*.png report.pdf --output-dir out
@@ -83,8 +85,9 @@ Model and files:
   --backend B           auto (MLX on Apple Silicon, PyTorch elsewhere) | torch | mlx
   --device D            auto | cpu | cuda | metal
   --dtype T             auto | float32 | bfloat16 | float16
-  --quantize N          MLX only: quantize the decoder to 4 or 8 bits at load time (vision stays float)
-  --quantize-group-size N   weights per quantization group: 32 | 64 (default) | 128
+  --quantize N          quantize the decoder to 4 or 8 bits at load time (vision stays float); torch: 8 bits
+                        per output channel, 4 bits in groups; MLX: both in groups
+  --quantize-group-size N   weights per quantization group: 32 | 64 (default) | 128 (torch: 4 bits only)
 
 DeepSeek-OCR:
   --mode M              tiny | small | base | large | gundam: a preset of the three sizes below
@@ -414,32 +417,41 @@ def _fetch(url: str, timeout_s: float = URL_TIMEOUT_S, max_bytes: int = URL_MAX_
 
 
 def convert(output: str | None = None, quantize: str | None = None, group_size: str = "64",
-            vision: str | bool = False, model: str | None = None, model_dir: str | None = None,
-            model_config: str | None = None, tokenizer: str | None = None, weights: str | None = None,
-            config: str | None = None) -> None:
-    """`deepseek-ocr-cli convert --quantize 4|8 --output DIR`: write a pre-quantized MLX snapshot of a model
-    (downloaded on first use, or --model-dir) that later loads as a plain `--model-dir DIR --backend mlx`."""
+            vision: str | bool = False, backend: str | None = None, dtype: str = "bfloat16", model: str | None = None,
+            model_dir: str | None = None, model_config: str | None = None, tokenizer: str | None = None,
+            weights: str | None = None, config: str | None = None) -> None:
+    """`deepseek-ocr-cli convert --quantize 4|8 --output DIR`: write a pre-quantized snapshot of a model
+    (downloaded on first use, or --model-dir) that later loads as a plain `--model-dir DIR --backend B`.
+
+    The backend is chosen as for a run (`--backend`, else config.toml, else auto): its snapshot layout is its
+    own (torch_ocr/quantize.py says why), so the snapshot is written for the backend that will load it."""
+    import importlib  # noqa: PLC0415
+
     from .assets import resolve_model_files  # noqa: PLC0415
     from .config import load_settings  # noqa: PLC0415
     from .errors import UserError  # noqa: PLC0415
-    from .pipeline import backend_loader  # noqa: PLC0415
+    from .pipeline import backend_loader, choose_backend  # noqa: PLC0415
 
     if not output or quantize is None:
         raise UserError("convert needs --quantize 4|8 and --output DIR (see --help)")
     bits = _int("quantize", quantize, low=1)
     groups = _int("group-size", group_size, low=1)
     flags = {"model": model, "model_dir": model_dir, "model_config": model_config, "tokenizer": tokenizer,
-             "weights": weights}
+             "weights": weights, "backend": backend}
     settings = load_settings(Path(config).expanduser() if config else None, flags)
-    backend_loader("mlx")  # a clear "install the mlx extra" before any download
+    name = choose_backend(settings.inference.backend)
+    backend_loader(name)  # a clear "install the extra" before any download
     files = resolve_model_files(settings.active_model, settings.entry())
-    from mlx_ocr.quantize import convert as convert_snapshot  # noqa: PLC0415 - MLX only when converting
+    # The backend's framework is imported only when converting.
+    convert_snapshot = importlib.import_module(f"{name}_ocr.quantize").convert
 
     target = Path(output).expanduser()
     sizes = convert_snapshot(Path(files.directory), target, bits=bits, group_size=groups,
-                             kind=settings.active_model, vision=_bool("vision", vision))
-    print(f"wrote {bits}-bit {settings.active_model} to {target}: weights {sizes['before'] / 2**30:.2f} GiB -> "
-          f"{sizes['after'] / 2**30:.2f} GiB; run it with --model-dir {target} --backend mlx", file=sys.stderr)
+                             kind=settings.active_model, vision=_bool("vision", vision),
+                             dtype=_choice("dtype", dtype, ("bfloat16", "float32", "float16")))
+    print(f"wrote {bits}-bit {settings.active_model} to {target} for the {name} backend: weights "
+          f"{sizes['before'] / 2**30:.2f} GiB -> {sizes['after'] / 2**30:.2f} GiB; run it with --model-dir "
+          f"{target} --backend {name}", file=sys.stderr)
 
 
 def render(text_file: Sequence[str] = (), image: Sequence[str] = (), output_dir: str | None = None,

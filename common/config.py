@@ -90,7 +90,7 @@ INFERENCE_RULES: dict[str, Rule] = {
     "max_new_tokens": _int(1),
     "use_cache": _BOOL,
     "repetition_guard": _BOOL,
-    "quantize": Rule(int, "4 | 8 (MLX backend)", lambda v: v in (4, 8), optional=True),
+    "quantize": Rule(int, "4 | 8", lambda v: v in (4, 8), optional=True),
     "quantize_group_size": Rule(int, "32 | 64 | 128", lambda v: v in (32, 64, 128)),
     # Sampling keys may stay unset (None): the model's own generation defaults then apply.
     "do_sample": Rule(bool, "true | false", optional=True),
@@ -206,7 +206,7 @@ class InferenceSettings:
     max_new_tokens: int = 512
     use_cache: bool = True
     repetition_guard: bool = False
-    quantize: int | None = None        # MLX: quantize the decoder to 4 or 8 bits at load time
+    quantize: int | None = None        # quantize the decoder to 4 or 8 bits at load time
     quantize_group_size: int = 64
     do_sample: bool | None = None      # sampling keys: None = the model's default (SamplingOptions' for DeepSeek-OCR)
     temperature: float | None = None

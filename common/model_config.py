@@ -213,7 +213,7 @@ def read_sam(s: _Reader, downsample_channels: tuple[int, ...] | None = None) -> 
 IGNORED_DEEPSEEK_OCR_KEYS = {
     "_name_or_path", "architectures", "auto_map", "candidate_resolutions", "global_view_pos", "tile_tag",
     "torch_dtype", "transformers_version", "model_type", "language_config",
-    "quantization",  # marker of a converted (quantized) snapshot, read by the MLX loader
+    "quantization",  # marker of a converted (quantized) snapshot, read by both backends' loaders
 }
 
 

@@ -389,7 +389,7 @@ class Pipeline:
 
 
 def _quantize_options(inference: Any) -> dict[str, Any]:
-    """Quantization keywords for the backend, only when asked for (the option exists on MLX alone)."""
+    """Quantization keywords for the backend, only when asked for (a loader given none loads float weights)."""
     if not inference.quantize:
         return {}
     return {"quantize": inference.quantize, "group_size": inference.quantize_group_size}

@@ -7,14 +7,13 @@ not a multiple of the group size stays in float too (tiny test models have such 
 
 A converted snapshot keeps the module names (the original ones, except routed experts, which are stored
 stacked as `...mlp.experts.{gate,up,down}_proj.*`) in MLX layout, and config.json gains
-`"quantization": {"bits": B, "group_size": G, "mode": "affine"}`. That key is the format marker: a loader that
-sees it skips `sanitize`, so no layout change is ever applied twice.
+`"quantization": {"bits": B, "group_size": G, "mode": "affine", "format": "mlx"}`. That key is the format marker:
+a loader that sees it skips `sanitize`, so no layout change is ever applied twice. The options, the marker and
+the file copying are common/quantization.py's, shared with torch_ocr/quantize.py (whose layout differs).
 """
 from __future__ import annotations
 
 import importlib
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,38 +21,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from common.errors import ConfigError, UserError
-from common.models import family_ids, family_of_config, get_family
+from common.errors import UserError
+from common.models import get_family
+from common.quantization import MARKER_KEY  # noqa: F401 - re-exported: the marker's key in config.json
+from common.quantization import (BITS, GROUP_SIZES, check_options, copy_snapshot_files, kind_of, prepare_output,
+                                 write_config)
+from common.quantization import read_config as _read_config
 
-MARKER_KEY = "quantization"
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
-# Snapshot files NOT copied as they are: the weights and config.json are rewritten; the rest (tokenizer,
-# templates, preprocessing and generation configs) is copied unchanged.
-_REWRITTEN_SUFFIXES = (".safetensors", ".safetensors.index.json")
-_REWRITTEN_NAMES = ("config.json", ".complete")
+FORMAT = "mlx"  # the marker's `format`: this backend's layout
 
 
 def read_config(config_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """config.json as a dict without the format marker, and the marker (None for an original checkpoint)."""
-    try:
-        raw = json.loads(Path(config_path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{config_path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{config_path}: not a readable JSON file ({exc})") from None
-    marker = raw.pop(MARKER_KEY, None) if isinstance(raw, dict) else None
-    if marker is not None:
-        check_options(int(marker.get("bits", 0)), int(marker.get("group_size", 0)), source=str(config_path))
-    return raw, marker
-
-
-def check_options(bits: int, group_size: int, source: str = "--quantize") -> None:
-    if bits not in BITS:
-        raise UserError(f"{source}: quantization bits must be 4 or 8, got {bits}", param="quantize")
-    if group_size not in GROUP_SIZES:
-        raise UserError(f"{source}: quantization group size must be 32, 64 or 128, got {group_size}",
-                        param="quantize")
+    """config.json without the marker, and the marker; a torch-quantized snapshot is a `UserError`."""
+    return _read_config(config_path, backend=FORMAT)
 
 
 def _quantizable(path: str, module: nn.Module, prefixes: tuple[str, ...], group_size: int) -> bool:
@@ -103,36 +83,18 @@ def convert(model_dir: Path, output_dir: Path, bits: int, group_size: int = 64, 
     """
     check_options(bits, group_size)
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    raw, marker = read_config(model_dir / "config.json")
-    if marker is not None:
-        raise UserError(f"{model_dir} is already a quantized snapshot ({marker})")
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise UserError(f"{output_dir} exists and is not empty; refusing to overwrite")
-    module = _model_module(kind or _kind_of(raw, model_dir))
+    raw = prepare_output(model_dir, output_dir)
+    module = _model_module(kind or kind_of(raw, model_dir))
     model = module.load(model_dir / "config.json", model_dir, dtype=dtype, device="cpu")
     before = weight_bytes(model)
     prefixes = module.QUANTIZE_PREFIXES + (module.VISION_PREFIXES if vision else ())
     quantize_model(model, bits=bits, group_size=group_size, prefixes=prefixes)
     after = weight_bytes(model)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for path in model_dir.iterdir():
-        if path.is_file() and path.name not in _REWRITTEN_NAMES and not path.name.endswith(_REWRITTEN_SUFFIXES):
-            shutil.copy2(path, output_dir / path.name)
+    copy_snapshot_files(model_dir, output_dir)
     mx.save_safetensors(str(output_dir / "model.safetensors"), dict(tree_flatten(model.parameters())),
                         metadata={"format": "mlx"})
-    raw[MARKER_KEY] = {"bits": bits, "group_size": group_size, "mode": "affine"}
-    (output_dir / "config.json").write_text(json.dumps(raw, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_config(output_dir, raw, {"bits": bits, "group_size": group_size, "mode": "affine", "format": FORMAT})
     return {"before": before, "after": after}
-
-
-def _kind_of(raw: dict[str, Any], model_dir: Path) -> str:
-    """The model id whose family claims config.json's `model_type`."""
-    model_type = str(raw.get("model_type", ""))
-    family = family_of_config(raw)
-    if family is None:
-        raise UserError(f"{model_dir}/config.json: cannot tell the model from model_type {model_type!r} "
-                        f"(known models: {', '.join(family_ids())})")
-    return family.id
 
 
 def _model_module(kind: str):

@@ -6,7 +6,6 @@ DeepSeek-OCR never imports PaddleOCR-VL's code. Mirrored in mlx_ocr/backend.py.
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,14 +37,6 @@ def _sync_for(device: torch.device):
     return lambda: None
 
 
-def _is_quantized_snapshot(config_path: Path) -> bool:
-    """A converted MLX snapshot carries a `quantization` marker in its config.json."""
-    try:
-        return "quantization" in json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False  # the model's own config parser reports unreadable files, naming the file
-
-
 class TorchModel:
     """A loaded model plus where it runs; `generate` is one sequence, `engine` many (engine.py)."""
 
@@ -71,20 +62,14 @@ class TorchModel:
 
 def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, device: str,
                quantize: int | None = None, group_size: int = 64) -> TorchModel:
-    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'cuda', 'cuda:N').
-
-    Quantization is an MLX feature: asking for it here, or loading an MLX-quantized snapshot, is a `UserError`.
-    """
+    """Build `kind` from its config.json and checkpoint on `device` ('auto', 'cpu', 'cuda', 'cuda:N'); `quantize`
+    4 or 8 quantizes the decoder at load time (a converted torch snapshot is loaded as saved; an MLX one is a
+    `UserError` naming --backend mlx)."""
     family = get_family(kind)  # an unknown id is an UnknownModelError listing the known ones
-    if quantize:
-        raise UserError("--quantize needs the MLX backend (--backend mlx); the torch backend runs float weights",
-                        param="quantize")
-    if _is_quantized_snapshot(Path(config_path)):
-        raise UserError(f"{Path(config_path).parent} is an MLX-quantized snapshot; load it with --backend mlx",
-                        param="model_dir")
     torch_device = resolve_device(device)
     dtype_name = resolve_dtype(dtype, torch_device)
-    # The family's module: `load(config_path, weights_path, *, dtype, device)`.
+    # The family's module: `load(config_path, weights_path, *, dtype, device, quantize, group_size)`.
     module = importlib.import_module(f"torch_ocr.{family.module}")
-    model = module.load(Path(config_path), Path(weights_path), dtype=DTYPES[dtype_name], device=torch_device)
+    model = module.load(Path(config_path), Path(weights_path), dtype=DTYPES[dtype_name], device=torch_device,
+                        quantize=quantize, group_size=group_size)
     return TorchModel(kind, model, torch_device, dtype_name)

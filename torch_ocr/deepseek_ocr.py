@@ -24,6 +24,7 @@ from common.model_config import ClipConfig, DeepseekOCRConfig, DeepseekV2Config,
 from .cache import KVCache
 from .layers import CausalAttention, CausalLM, DecoderBlock, GatedMLP, Linear, RMSNorm, linear
 from .loader import load_module
+from .quantize import QuantizedExperts
 
 # Architecture constants of the official SAM neck and downsampler (deepencoder.py `ImageEncoderViT`).
 NECK_KERNEL = 3
@@ -313,12 +314,14 @@ class MoEGate(nn.Module):
         return weights * self.scale, ids
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor | QuantizedExperts, ends: torch.Tensor) -> torch.Tensor:
     """Rows of `x` sorted by group, group g (rows ends[g-1]:ends[g]) times weight[g].T: (M, K), (G, N, K) -> (M, N).
 
-    One grouped GEMM without a host sync where torch has the kernel (CPU, bfloat16 on CUDA); elsewhere a loop
-    over the non-empty groups, which reads the group ends on the host.
+    One grouped GEMM without a host sync where torch has the kernel (CPU, bfloat16 on CUDA); elsewhere, and for
+    quantized experts, a loop over the non-empty groups, which reads the group ends on the host.
     """
+    if isinstance(weight, QuantizedExperts):
+        return weight(x, ends)
     if x.device.type == "cpu" or x.dtype == torch.bfloat16:
         return F.grouped_mm(x, weight.transpose(1, 2), offs=ends)
     out = x.new_empty(x.shape[0], weight.shape[1])
@@ -331,11 +334,15 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
 
 
 class RoutedExperts(nn.Module):
-    """The routed experts of one layer, stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I)."""
+    """The routed experts of one layer, stacked: gate_up_proj (E, 2I, D) = [gate; up], down_proj (E, D, I).
+
+    `--quantize` replaces either stack by a `QuantizedExperts` (quantize.py), which `grouped_linear` runs.
+    """
 
     def __init__(self, cfg: DeepseekV2Config) -> None:
         super().__init__()
         e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.count = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
@@ -345,7 +352,7 @@ class RoutedExperts(nn.Module):
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)
         # searchsorted instead of bincount: group ends with no host sync.
-        experts = torch.arange(self.gate_up_proj.shape[0], device=x.device, dtype=flat.dtype)
+        experts = torch.arange(self.count, device=x.device, dtype=flat.dtype)
         ends = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
         rows = x[order // k]
         gate, up = grouped_linear(rows, self.gate_up_proj, ends).chunk(2, dim=-1)
@@ -536,6 +543,12 @@ class DeepseekOCRForCausalLM(CausalLM):
 RENAMES: list[tuple[str, str]] = []
 EXPERT_PROJECTIONS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
 
+# What `--quantize` touches: the decoder (attention, MLPs, routed experts, head; the embedding stays float on
+# torch, see quantize.py). The router, norms, vision towers, projector and layout vectors stay float.
+QUANTIZE_PREFIXES: tuple[str, ...] = ("model.layers.", "model.embed_tokens", "lm_head")
+# Added by `quantize_vision`: the towers' and projector's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("model.sam_model.", "model.vision_model.", "model.projector.")
+
 
 def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original checkpoint tensors -> module tensors. Consumes the per-expert entries of `weights` (frees them).
@@ -567,9 +580,15 @@ def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
-         device: str | torch.device = "cpu") -> DeepseekOCRForCausalLM:
-    """Build on the meta device, read the original checkpoint (memory-mapped) and assign it strictly."""
+         device: str | torch.device = "cpu", quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> DeepseekOCRForCausalLM:
+    """Build on the meta device, read the original checkpoint (memory-mapped) and assign it strictly.
+
+    `quantize` 4 or 8 quantizes the decoder (`QUANTIZE_PREFIXES`), `quantize_vision` also the towers and
+    projector; a converted snapshot loads as saved (`loader.load_module`).
+    """
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     model = load_module(DeepseekOCRForCausalLM, DeepseekOCRConfig, config_path, weights_path, dtype=dtype,
-                        device=device, sanitize=sanitize)
+                        device=device, sanitize=sanitize, quantize=quantize, group_size=group_size, prefixes=prefixes)
     model.model.rope_inv_freq = rope_inv_freq(model.config.language, model.device)
     return model

@@ -19,10 +19,13 @@ from torch import nn
 from common.deepseek_ocr import DeepseekOCRInputs
 from common.model_config import DeepseekOCR2Config, Qwen2EncoderConfig
 
-from .deepseek_ocr import (DeepseekOCRForCausalLM, DeepseekV2Model, Projector, SamEncoder, rope_inv_freq, rope_tables,
-                           sanitize)
+from .deepseek_ocr import (QUANTIZE_PREFIXES, DeepseekOCRForCausalLM, DeepseekV2Model, Projector, SamEncoder,
+                           rope_inv_freq, rope_tables, sanitize)
 from .layers import CausalAttention, DecoderBlock, GatedMLP, RMSNorm, apply_rope
 from .loader import load_module
+
+# Added by `quantize_vision`: the towers' and projector's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("model.sam_model.", "model.qwen2_model.", "model.projector.")
 
 
 # ----------------------------------------------------------------------------------------------- Qwen2 encoder
@@ -139,12 +142,16 @@ class DeepseekOCR2ForCausalLM(DeepseekOCRForCausalLM):
 # ----------------------------------------------------------------------------------------------- loading
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
-         device: str | torch.device = "cpu") -> DeepseekOCR2ForCausalLM:
+         device: str | torch.device = "cpu", quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> DeepseekOCR2ForCausalLM:
     """Build on the meta device, read the original checkpoint (memory-mapped) and assign it strictly.
 
-    The checkpoint mapping is DeepSeek-OCR's `sanitize` (identity names, per-expert MoE weights stacked)."""
+    The checkpoint mapping is DeepSeek-OCR's `sanitize` (identity names, per-expert MoE weights stacked);
+    `quantize` 4 or 8 quantizes the decoder, `quantize_vision` also SAM, the encoder and the projector.
+    """
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     model = load_module(DeepseekOCR2ForCausalLM, DeepseekOCR2Config, config_path, weights_path, dtype=dtype,
-                        device=device, sanitize=sanitize)
+                        device=device, sanitize=sanitize, quantize=quantize, group_size=group_size, prefixes=prefixes)
     model.model.rope_inv_freq = rope_inv_freq(model.config.language, model.device)
     model.model.qwen2_model.rope_inv_freq = rope_inv_freq(model.config.encoder, model.device)
     return model

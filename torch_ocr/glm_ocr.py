@@ -267,6 +267,12 @@ class GlmOCR(CausalLM):
 
 _LAYER = re.compile(r"model\.language_model\.layers\.(\d+)\.")
 
+# What `--quantize` touches: the decoder (layers and head; the embedding stays float on torch, see quantize.py).
+# The vision tower stays float.
+QUANTIZE_PREFIXES: tuple[str, ...] = ("model.language_model.", "lm_head")
+# Added by `quantize_vision`: the tower's and merger's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("model.visual.",)
+
 
 def mtp_skipper(num_hidden_layers: int):
     """`skip` for the loader: the multi-token-prediction layer(s), indices at and past num_hidden_layers."""
@@ -282,8 +288,11 @@ def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
-         device: str | torch.device = "cpu") -> GlmOCR:
+         device: str | torch.device = "cpu", quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> GlmOCR:
     """Build on the meta device from config.json and assign the original safetensors strictly."""
     layers = GlmOcrConfig.from_file(config_path).text.num_hidden_layers
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     return load_module(GlmOCR, GlmOcrConfig, config_path, weights_path, dtype=dtype, device=device,
-                       sanitize=sanitize, skip=mtp_skipper(layers))
+                       sanitize=sanitize, skip=mtp_skipper(layers), quantize=quantize, group_size=group_size,
+                       prefixes=prefixes)

@@ -16,6 +16,7 @@ from torch import nn
 from common.model_config import DeepseekV2Config, PaddleTextConfig
 
 from .cache import KVCache, SlotCache
+from .quantize import QuantizedLinear
 
 
 def _onednn_linear_available() -> bool:
@@ -44,7 +45,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` (same parameters and checkpoint names) whose forward is `linear` above."""
+    """`nn.Linear` (same parameters and checkpoint names) whose forward is `linear` above.
+
+    `--quantize` swaps it for a `quantize.QuantizedLinear`, which has the same call.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -183,7 +187,9 @@ class CausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The float dtype of activations and caches (a quantized head's weight is an integer tensor)."""
+        head = self.lm_head
+        return head.dtype if isinstance(head, QuantizedLinear) else head.weight.dtype
 
     def make_cache(self, batch_size: int, max_length: int) -> list[KVCache]:
         """One preallocated KVCache per decoder layer, in the model's dtype on its device."""

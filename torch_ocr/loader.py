@@ -2,7 +2,7 @@
 
 Modules are built on the `meta` device (no storage), tensors are read one at a time from the memory-mapped
 safetensors file (a window of it at a time), cast and moved, then assigned in place of the meta parameters: the
-weights are never held twice.
+weights are never held twice. Load-time quantization and converted snapshots are `quantize.py`'s.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from safetensors import safe_open
 
 from common.checkpoints import check_strict, checkpoint_files
 from common.errors import ModelFilesError, UserError
+
+from . import quantize as quantization
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -107,13 +109,22 @@ def load_module(
     device: str | torch.device,
     sanitize: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     skip: Callable[[str], bool] = lambda name: False,
+    quantize: int | None = None,
+    group_size: int = 64,
+    prefixes: tuple[str, ...] = (),
 ) -> M:
     """`model_class(config_class.from_file(config_path))` built on meta, the original checkpoint assigned.
 
     The one loading sequence of both models: tensors read memory-mapped (those `skip` names never leave the
-    file), cast to `dtype` on `device`, `sanitize`d to module names and assigned strictly. Returned in eval
-    mode with gradients off. Raises `UserError` for an unknown dtype or device, `CheckpointError` on a mismatch.
+    file), cast to `dtype` on `device`, `sanitize`d to module names and assigned strictly; `quantize` bits then
+    quantize the weights under `prefixes`, freeing each float weight as it goes. A converted snapshot (its
+    config.json carries the quantization marker) is already in module names and quantized: it skips `sanitize`
+    and loads as saved, as strictly. Returned in eval mode with gradients off. Raises `UserError` for bad
+    options, an unknown dtype or device and an MLX snapshot, `CheckpointError` on a mismatch.
     """
+    if quantize:
+        quantization.check_options(quantize, group_size)
+    _, marker = quantization.read_config(Path(config_path))
     config = config_class.from_file(config_path)
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})", param="dtype")
@@ -123,5 +134,12 @@ def load_module(
         model = model_class(config)
     tensors = dict(read_safetensors(checkpoint_files(Path(weights_path)), dtype=torch_dtype, device=target,
                                     skip=skip))
-    assign_strict(model, sanitize(tensors))
+    if marker is None:
+        assign_strict(model, sanitize(tensors))
+        del tensors  # the model holds the only references: quantizing frees each float weight
+        if quantize:
+            quantization.quantize_model(model, bits=quantize, group_size=group_size, prefixes=prefixes)
+    else:
+        quantization.apply_marker(model, marker, tensors)
+        assign_strict(model, tensors)
     return model.eval().requires_grad_(False)

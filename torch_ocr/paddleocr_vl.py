@@ -313,6 +313,12 @@ SKIP_PREFIXES: tuple[str, ...] = (
     "visual.vision_model.head.",
 )
 
+# What `--quantize` touches: the decoder (layers and head; the embedding stays float on torch, see quantize.py).
+# The vision tower and projector stay float.
+QUANTIZE_PREFIXES: tuple[str, ...] = ("model.", "lm_head")
+# Added by `quantize_vision`: the towers' and projector's linears (convolutions always stay float).
+VISION_PREFIXES: tuple[str, ...] = ("visual.", "mlp_AR.")
+
 
 def is_skipped(name: str) -> bool:
     return name.startswith(SKIP_PREFIXES)
@@ -332,7 +338,14 @@ def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load(config_path: str | Path, weights_path: str | Path, *, dtype: str | torch.dtype = "bfloat16",
-         device: str | torch.device = "cpu") -> PaddleOCRVL:
-    """Build on the meta device from config.json and assign the original safetensors strictly."""
+         device: str | torch.device = "cpu", quantize: int | None = None, group_size: int = 64,
+         quantize_vision: bool = False) -> PaddleOCRVL:
+    """Build on the meta device from config.json and assign the original safetensors strictly.
+
+    `quantize` 4 or 8 quantizes the decoder (`QUANTIZE_PREFIXES`), `quantize_vision` also the tower and
+    projector; a converted snapshot loads as saved (`loader.load_module`).
+    """
+    prefixes = QUANTIZE_PREFIXES + (VISION_PREFIXES if quantize_vision else ())
     return load_module(PaddleOCRVL, PaddleOCRVLConfig, config_path, weights_path, dtype=dtype, device=device,
-                       sanitize=sanitize, skip=is_skipped)
+                       sanitize=sanitize, skip=is_skipped, quantize=quantize, group_size=group_size,
+                       prefixes=prefixes)

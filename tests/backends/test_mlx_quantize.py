@@ -30,7 +30,7 @@ from tests.goldens.deepseek_ocr.patterns import make_image  # noqa: E402
 pytestmark = pytest.mark.mlx
 
 STEPS = 12
-EOS = {"deepseek-ocr": 1, "paddleocr-vl": 2}
+EOS = {"deepseek-ocr": (1,), "paddleocr-vl": (2,)}
 
 
 def _inputs(kind: str, snapshot: Path):
@@ -43,14 +43,14 @@ def _inputs(kind: str, snapshot: Path):
     return pv.build_inputs("OCR:", [image], tok, pv.load_chat_template(snapshot), pre)
 
 
-def _greedy(model, inputs, eos: int) -> tuple[np.ndarray, list[int]]:
+def _greedy(model, inputs, eos: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
     cache = model.make_cache(1, len(inputs.input_ids) + STEPS)
     logits = model.prefill(inputs, model.encode_images(inputs), cache)
     first, ids = np.array(logits), []
     for n in range(STEPS):
         token = int(mx.argmax(logits, axis=-1).item())
         ids.append(token)
-        if token == eos:
+        if token in eos:
             break
         logits = model.step(mx.array([token]), mx.array([inputs.next_position + n]), cache)
     return first, ids
@@ -133,7 +133,7 @@ def test_converted_snapshot_round_trips(case: Case, tmp_path: Path) -> None:
     sizes = q.convert(case.snapshot, out, bits=4, group_size=32, dtype="float32")
     print(f"\n{case.kind} convert 4-bit g32: {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB")
     config = json.loads((out / "config.json").read_text())
-    assert config[q.MARKER_KEY] == {"bits": 4, "group_size": 32, "mode": "affine"}
+    assert config[q.MARKER_KEY] == {"bits": 4, "group_size": 32, "mode": "affine", "format": "mlx"}
     copied = {p.name for p in case.snapshot.iterdir()} - {"config.json", ".complete"}
     copied = {n for n in copied if not n.endswith((".safetensors", ".safetensors.index.json"))}
     assert copied and copied <= {p.name for p in out.iterdir()}  # tokenizer, preprocessor, generation configs
