@@ -5,6 +5,7 @@
     python scripts/bench.py --model paddleocr-vl --dtype float32 --max-new-tokens 16 --json bench.json
     python scripts/bench.py --model deepseek-ocr --reference-code DIR --reference-python VENV/bin/python
     python scripts/bench.py --batch 1,4,8 --no-reference      # batched decode: tokens/s and pages/minute
+    python scripts/bench.py --model paddleocr-vl --llama-cpp  # plus llama.cpp BF16 and Q8_0 rows
 
 Each configuration (model x backend x dtype, ours or the reference) runs in a fresh subprocess, one after the
 other, so its peak resident memory (`ru_maxrss`) is its own and two full-size models never share the RAM.
@@ -26,6 +27,11 @@ engine decodes them together), and for the transformers references their own bat
 inputs.
 Decode tokens/s is then the whole batch's (B rows x steps / decode time) and pages/minute counts B pages; vision
 and prefill are per page (ours books each request its share, the reference's batched pass is divided by B).
+
+`--llama-cpp` adds llama.cpp (`llama-mtmd-cli`, built once from a pinned source release; see
+`scripts/llama_cpp_reference.py`) for DeepSeek-OCR and PaddleOCR-VL: the same snapshot converted to GGUF (text
+model BF16 and Q8_0, the vision part BF16), the same page, prompt and token count, batch 1, and a table of ours
+against each of its rows. It preprocesses the page itself, so its image token count can differ from ours.
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.timing import STAGES  # noqa: E402
+from scripts import llama_cpp_reference  # noqa: E402
 
 MODELS = ("deepseek-ocr", "paddleocr-vl", "paddleocr-vl-1.5", "deepseek-ocr-2", "glm-ocr")
 #: The models whose reference is the official remote code in its own environment (the rest use transformers here).
@@ -377,8 +384,37 @@ def _memory_refusal(checkpoint: Path, model: str, dtype: str, factor: float, che
     return f"skipped: needs about {need / 1e9:.1f} GB, {available / 1e9:.1f} GB available (--no-memory-check runs it)"
 
 
+def measure_llama_cpp(config: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """A llama.cpp row (its own process, built and converted on first use) as a record of the table's fields.
+
+    Its stages land on ours: the vision encode as vision.compute_embeddings, the prompt evaluation less that
+    encode as decode.prefill, the single-token evals as decode.iterative. It has no TTFT or pages/min here."""
+    outtype = config.dtype.lower()
+    refusal = _memory_refusal(config.checkpoint, config.model, "bfloat16", 1.0, args.memory_check)
+    if refusal:
+        return {"error": refusal}
+    print(f"running {config.model} llama.cpp {config.dtype} ...", flush=True)
+    run = llama_cpp_reference.measure(config.model, config.checkpoint, args.image, args.max_new_tokens, outtype,
+                                      threads=args.llama_cpp_threads, warmup=args.warmup, timeout_s=args.timeout)
+    if "error" in run:
+        return {"error": run["error"]}
+    active_fp32, params = active_weight_bytes(config.checkpoint, config.model, "float32")
+    active = int(active_fp32 / 4 * llama_cpp_reference.BYTES_PER_WEIGHT[outtype])
+    vision_ms, prefill_ms = run["vision_ms"] or 0.0, run["prefill_ms"] or 0.0
+    return {**run, "completion_tokens": run["decode_runs"], "batch": 1,
+            "load_s": run["load_ms"] / 1000 if run["load_ms"] is not None else None, "ttft_ms": None,
+            "timings_ms": {"vision.compute_embeddings": vision_ms, "decode.prefill": prefill_ms,
+                           "decode.iterative": run["decode_ms"]},
+            "timing_calls": {"vision.compute_embeddings": run["image_slices"]},
+            "vision_prefill_ms": vision_ms + prefill_ms, "pages_per_min": None,
+            "active_bytes_per_token": active, "params": params,
+            "bandwidth_gb_s": active * run["decode_tok_s"] / 1e9 if run["decode_tok_s"] else None}
+
+
 def measure(config: Config, args: argparse.Namespace, inputs: Path) -> dict[str, Any]:
     """Run `config` in its own subprocess and add the derived numbers (tokens/s, bandwidth)."""
+    if config.impl == "llama.cpp":
+        return measure_llama_cpp(config, args)
     result = inputs.with_name(f"{config.model}-{config.impl}-{config.backend}-{config.dtype}-b{config.batch}.json")
     common = ["--model", config.model, "--dtype", config.dtype, "--checkpoint", str(config.checkpoint),
               "--max-new-tokens", str(args.max_new_tokens), "--result", str(result), "--batch", str(config.batch)] + (
@@ -425,6 +461,25 @@ def derive(record: dict[str, Any], config: Config, args: argparse.Namespace) -> 
     return record
 
 
+def llama_cpp_ratios(configs: list[Config]) -> list[dict[str, Any]]:
+    """Each of our batch-1 rows against each llama.cpp row of the same model: speed-ups (> 1: ours faster) of the
+    vision encode, prefill tokens/s and decode tokens/s, and peak RSS (< 1: ours smaller)."""
+    theirs = [c for c in configs if c.impl == "llama.cpp" and "error" not in c.record]
+    rows = []
+    for c in configs:
+        if c.impl != "ours" or c.batch != 1 or "error" in c.record:
+            continue
+        ours = c.record
+        for ref in (r for r in theirs if r.model == c.model):
+            rows.append({"model": c.model, "backend": c.backend, "dtype": c.dtype, "llama_cpp": ref.dtype,
+                         "vision_speedup": _ratio(ref.record["timings_ms"]["vision.compute_embeddings"],
+                                                  ours["timings_ms"].get("vision.compute_embeddings")),
+                         "prefill_speedup": _ratio(ours["prefill_tok_s"], ref.record["prefill_tok_s"]),
+                         "decode_speedup": _ratio(ours["decode_tok_s"], ref.record["decode_tok_s"]),
+                         "memory_ratio": _ratio(ours["peak_rss_bytes"], ref.record["peak_rss_bytes"])})
+    return rows
+
+
 def ratios(configs: list[Config]) -> list[dict[str, Any]]:
     """Ours against the reference, per model and dtype: speed-ups (> 1: ours faster) and memory (< 1: ours smaller)."""
     rows = []
@@ -453,7 +508,8 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[str, Any]], notes: list[str]) -> str:
+def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[str, Any]], notes: list[str],
+           llama_rows: list[dict[str, Any]] | None = None) -> str:
     """The readable report: platform, one summary row per configuration, stage timings, ratios, notes."""
     lines = ["platform: " + ", ".join(f"{k}={v}" for k, v in info.items())]
     head = (f"{'#':<4}{'model':<17}{'impl':<11}{'backend':<20}{'dtype':<10}{'B':>3}{'load s':>8}{'TTFT ms':>10}"
@@ -491,6 +547,14 @@ def render(info: dict[str, Any], configs: list[Config], ratio_rows: list[dict[st
                          f"{_fmt(row['vision_prefill_speedup'], 2):>12}{_fmt(row['decode_speedup'], 2):>8}"
                          f"{_fmt(row['ttft_speedup'], 2):>7}{_fmt(row['load_speedup'], 2):>7}"
                          f"{_fmt(row['memory_ratio'], 2):>9}")
+    if llama_rows:
+        lines += ["", "ours / llama.cpp (speed-up > 1 = ours faster; memory < 1 = ours smaller)",
+                  f"{'model':<17}{'backend':<8}{'dtype':<10}{'llama.cpp':<11}{'vision':>8}{'prefill':>9}"
+                  f"{'decode':>8}{'peak RSS':>9}"]
+        for row in llama_rows:
+            lines.append(f"{row['model']:<17}{row['backend']:<8}{row['dtype']:<10}{row['llama_cpp']:<11}"
+                         f"{_fmt(row['vision_speedup'], 2):>8}{_fmt(row['prefill_speedup'], 2):>9}"
+                         f"{_fmt(row['decode_speedup'], 2):>8}{_fmt(row['memory_ratio'], 2):>9}")
     scaling = batch_scaling(configs)
     if scaling:
         lines += ["", "batch B decode throughput / batch 1 (same model, implementation, backend, dtype)",
@@ -545,6 +609,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reference-code", type=Path, help="folder with the official DeepSeek-OCR .py files")
     parser.add_argument("--reference-python", type=Path, help="python of the venv with transformers 4.46.x")
     parser.add_argument("--no-reference", action="store_true", help="measure ours only")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="add llama.cpp BF16 and Q8_0 rows (DeepSeek-OCR, PaddleOCR-VL; needs cmake and a C++ "
+                             "compiler, builds once, see scripts/llama_cpp_reference.py)")
+    parser.add_argument("--llama-cpp-threads", type=int, default=os.cpu_count() or 2,
+                        help="its CPU threads (default: the CPU count)")
     parser.add_argument("--no-memory-check", dest="memory_check", action="store_false",
                         help="run configurations even when they look too large for the free memory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
@@ -589,6 +658,20 @@ def _plan(args: argparse.Namespace, notes: list[str]) -> list[Config]:
                     continue  # the official code's infer() decodes one image at a time
                 name = "official+tf4.46" if official else "transformers"
                 configs.append(Config(model, "reference", name, dtype, checkpoint, batch))
+        if args.llama_cpp:
+            if model not in llama_cpp_reference.MODELS:
+                notes.append(f"llama.cpp: {model} not wired (only {', '.join(llama_cpp_reference.MODELS)})")
+            elif 1 not in args.batches:
+                notes.append(f"llama.cpp: {model} skipped (its CLI runs batch 1 only; add 1 to --batch)")
+            else:
+                configs += [Config(model, "llama.cpp", "llama.cpp", label, checkpoint)
+                            for label in llama_cpp_reference.OUTTYPES.values()]
+    if args.llama_cpp:
+        notes.append(f"llama.cpp: llama-cpp-python {llama_cpp_reference.VERSION}'s vendored llama.cpp, "
+                     f"{llama_cpp_reference.BINARY}, {args.llama_cpp_threads} threads, its own preprocessing; "
+                     "vision = its encode of the image's chunks, prefill = its prompt eval less the encodes its "
+                     "prompt-eval clock spans; load s = its start until the first encode (text model and "
+                     "projector loaded); mmproj BF16 in both rows")
     return configs
 
 
@@ -605,13 +688,15 @@ def main(argv: list[str] | None = None) -> int:
             if config.impl == "reference" and "error" not in config.record:
                 config.backend = config.record.get("name", config.backend)
     ratio_rows = ratios(configs)
+    llama_rows = llama_cpp_ratios(configs) if args.llama_cpp else None
     notes.append(f"image {args.image.name}, {args.max_new_tokens} new tokens (EOS ignored), device {args.device}"
                  f"{', after a warm-up' if args.warmup else ''}; TTFT includes our preprocessing, the reference's "
                  "starts at generate() on our inputs")
-    print(render(info, configs, ratio_rows, notes))
+    print(render(info, configs, ratio_rows, notes, llama_rows))
     if args.json:
         data = {"platform": info, "max_new_tokens": args.max_new_tokens, "image": str(args.image),
                 "device": args.device, "warmup": args.warmup, "notes": notes, "ratios": ratio_rows,
+                **({"llama_cpp_ratios": llama_rows} if args.llama_cpp else {}),
                 "runs": [{**c.record, "model": c.model, "impl": c.impl, "backend": c.backend, "dtype": c.dtype,
                           "checkpoint": str(c.checkpoint)} for c in configs]}
         args.json.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
