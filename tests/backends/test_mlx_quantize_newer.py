@@ -15,9 +15,6 @@ import pytest
 from PIL import Image
 
 mx = pytest.importorskip("mlx.core")
-nn = pytest.importorskip("mlx.nn")
-
-from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear  # noqa: E402
 
 from common import deepseek_ocr2, glm_ocr, paddleocr_vl  # noqa: E402
 from common.tokenizer import Tokenizer  # noqa: E402
@@ -25,10 +22,10 @@ from mlx_ocr import deepseek_ocr2 as md2  # noqa: E402
 from mlx_ocr import glm_ocr as mg  # noqa: E402
 from mlx_ocr import paddleocr_vl as mp  # noqa: E402
 from mlx_ocr import quantize as q  # noqa: E402
+from tests.backends.test_mlx_quantize import _greedy, _quantized_paths  # noqa: E402
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
 
-STEPS = 8
 MODULES = {"deepseek-ocr-2": md2, "glm-ocr": mg, "paddleocr-vl-1.5": mp}
 EOS = {"deepseek-ocr-2": (1,), "glm-ocr": (59246, 59253), "paddleocr-vl-1.5": (2,)}
 FIXTURES = {"deepseek-ocr-2": "deepseek2_tiny", "glm-ocr": "glm_tiny", "paddleocr-vl-1.5": "paddle15_tiny"}
@@ -52,19 +49,6 @@ def _inputs(kind: str, snapshot: Path):
     return paddleocr_vl.build_inputs("OCR:", [_page()], tokenizer, template, pre)
 
 
-def _greedy(model, inputs, eos: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
-    cache = model.make_cache(1, len(inputs.input_ids) + STEPS)
-    logits = model.prefill(inputs, model.encode_images(inputs), cache)
-    first, ids = np.array(logits), []
-    for n in range(STEPS):
-        token = int(mx.argmax(logits, axis=-1).item())
-        ids.append(token)
-        if token in eos:
-            break
-        logits = model.step(mx.array([token]), mx.array([inputs.next_position + n]), cache)
-    return first, ids
-
-
 class Case:
     """One model: its module, snapshot, inputs and float32 reference, built once."""
 
@@ -82,16 +66,6 @@ class Case:
 @pytest.fixture(scope="module", params=list(MODULES))
 def case(request: pytest.FixtureRequest) -> Case:
     return Case(request.param, request.getfixturevalue(FIXTURES[request.param]))
-
-
-def _quantized_paths(model) -> tuple[list[str], list[str]]:
-    quantized, plain = [], []
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
-            quantized.append(path)
-        elif isinstance(module, (nn.Linear, nn.Embedding, SwitchLinear)):
-            plain.append(path)
-    return quantized, plain
 
 
 def test_only_the_decoder_is_quantized_unless_the_towers_are_asked_for(case: Case) -> None:
