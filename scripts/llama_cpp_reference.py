@@ -6,8 +6,8 @@
 llama.cpp is taken from llama-cpp-python's source distribution (a pinned version, fetched with pip), whose vendored
 tree holds the C++ sources, `convert_hf_to_gguf.py` and the `gguf` Python package. Everything lives in the user
 cache dir next to the bench checkpoints (`.../deepseek-ocr/llama-cpp/`) and is made once: the unpacked sources,
-a CPU Release build of the one target needed (`llama-mtmd-cli`; needs cmake and a C++ compiler, about 20 minutes
-on two cores, 200 MB), a small venv for the converter (the interpreter's own packages, torch included, are
+a CPU Release build of the one target needed (`llama-mtmd-cli`; needs cmake and a C++ compiler, 20-35 minutes
+on two cores, 20 MB beside 220 MB of sources), a small venv for the converter (the interpreter's own packages, torch included, are
 visible in it, so only what it lacks is installed there), and the GGUF files per snapshot (text model BF16 and
 Q8_0, the vision part as one BF16 mmproj file shared by both).
 
@@ -177,7 +177,7 @@ def build(cache: Path, vendored: Path, jobs: int | None = None) -> Path:
     if shutil.which("cmake") is None:
         raise RuntimeError("cmake not found: install cmake and a C++ compiler to build llama.cpp")
     out.mkdir(parents=True, exist_ok=True)
-    _log(f"building {BINARY} in {out} (once; about 20 minutes on two cores) ...")
+    _log(f"building {BINARY} in {out} (once; 20-35 minutes on two cores) ...")
     _run(["cmake", "-S", str(vendored), "-B", str(out), *CMAKE_OPTIONS], log=out / "configure.log")
     _run(["cmake", "--build", str(out), "--target", BINARY, "-j", str(jobs or os.cpu_count() or 2)],
          log=out / "build.log")
