@@ -49,12 +49,43 @@ def test_module_keeps_nn_linear_parameters_and_names() -> None:
     module = layers.Linear(96, 40, bias=True)
     assert isinstance(module, torch.nn.Linear)
     assert sorted(module.state_dict()) == ["bias", "weight"]
+    dense = module.weight.detach().clone()
     x = _inputs(4)
     with torch.inference_mode():
-        torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(module(x), F.linear(x, dense, module.bias), rtol=1e-5, atol=1e-5)
+    # packed or not, the state dict is the dense weight under the same names
+    assert sorted(module.state_dict()) == ["bias", "weight"]
+    assert torch.equal(module.state_dict()["weight"], dense)
 
 
-@pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+onednn = pytest.mark.skipif(not layers._ONEDNN_LINEAR, reason="this torch build has no oneDNN linear")
+
+
+@onednn
+@pytest.mark.parametrize("in_out", [(96, 40), (1024, 3072), (3072, 1024)])
+def test_packed_rows_do_not_depend_on_the_row_count(in_out: tuple[int, int]) -> None:
+    """What batched decoding needs: a row's result is the same whether 1 or 16 rows share the call."""
+    module = layers.Linear(*in_out, bias=False)
+    x = _inputs(16, k=in_out[0])
+    with torch.inference_mode():
+        alone = module(x[:1])
+        assert module.weight.is_mkldnn  # packed by the first float32 call
+        for rows in range(2, 17):
+            assert torch.equal(module(x[:rows])[:1], alone), rows
+        assert module(x[:1, None]).shape == (1, 1, in_out[1])  # (B, L, D) inputs as the models give them
+
+
+@onednn
+def test_bfloat16_and_training_are_never_packed() -> None:
+    half = layers.Linear(96, 40).bfloat16()
+    train = layers.Linear(96, 40)
+    with torch.inference_mode():
+        half(_inputs(2).bfloat16())
+    train(_inputs(2)).sum().backward()
+    assert not half.weight.is_mkldnn and not train.weight.is_mkldnn and train.weight.grad is not None
+
+
+@onednn
 def test_the_onednn_path_is_the_one_taken_on_cpu_float32(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     namespace = torch.ops.mkldnn
