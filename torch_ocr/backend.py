@@ -19,6 +19,7 @@ from common.timing import Timings
 
 from .engine import Engine
 from .generate import generate
+from .layers import pack_linears
 from .loader import DTYPES, resolve_device
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
@@ -72,4 +73,5 @@ def load_model(kind: str, config_path: Path, weights_path: Path, *, dtype: str, 
     module = importlib.import_module(f"torch_ocr.{family.module}")
     model = module.load(Path(config_path), Path(weights_path), dtype=DTYPES[dtype_name], device=torch_device,
                         quantize=quantize, group_size=group_size)
+    pack_linears(model)  # float32 on the CPU: the one-off weight reorder belongs to loading, not the first page
     return TorchModel(kind, model, torch_device, dtype_name)

@@ -71,14 +71,30 @@ class Linear(nn.Linear):
         if self.weight.is_mkldnn:
             destination[prefix + "weight"] = self.weight.detach().to_dense()
 
+    def pack(self) -> bool:
+        """Replace the weight by oneDNN's packed copy now (True) when this module's calls would pack it."""
+        weight = self.weight
+        if weight.is_mkldnn or not _onednn_float32(weight.new_empty(0), weight):
+            return weight.is_mkldnn
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if not weight.is_mkldnn and _onednn_float32(x, weight):
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)
-            self.weight = weight = nn.Parameter(packed, requires_grad=False)
+            self.pack()
+            weight = self.weight
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
         return linear(x, weight, self.bias)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Pack every `Linear` of a float32 CPU model at load time, so the one-off reorder (about a second per
+    1.5 GB of weights) is part of loading, not of the first page's vision and prefill; returns how many."""
+    with torch.inference_mode():
+        return sum(module.pack() for module in model.modules() if isinstance(module, Linear))
 
 
 class RMSNorm(nn.Module):

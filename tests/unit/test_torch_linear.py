@@ -103,3 +103,17 @@ def test_the_onednn_path_is_the_one_taken_on_cpu_float32(monkeypatch: pytest.Mon
         layers.linear(_inputs(2), torch.randn(40, 96))
         layers.linear(_inputs(2).double(), torch.randn(40, 96).double())
     assert calls == [torch.Size([2, 96])]
+
+
+@onednn
+def test_the_torch_backend_packs_float32_cpu_models_at_load(deepseek_tiny) -> None:
+    """The reorder happens while loading (not in the first page's vision and prefill); bfloat16 stays dense."""
+    from torch_ocr.backend import load_model
+
+    def weights(dtype: str) -> list[bool]:
+        model = load_model("deepseek-ocr", deepseek_tiny / "config.json", deepseek_tiny, dtype=dtype, device="cpu")
+        return [m.weight.is_mkldnn for m in model.model.modules() if isinstance(m, layers.Linear)]
+
+    packed = weights("float32")
+    assert packed and all(packed)
+    assert not any(weights("bfloat16"))
