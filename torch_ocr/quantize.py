@@ -42,7 +42,7 @@ from common.checkpoints import check_strict
 from common.errors import CheckpointError, UserError
 from common.models import get_family
 from common.quantization import MARKER_KEY  # noqa: F401 - re-exported: the marker's key in config.json
-from common.quantization import (BITS, GROUP_SIZES, check_options, copy_snapshot_files, kind_of, prepare_output,
+from common.quantization import (check_options, copy_snapshot_files, kind_of, prepare_output,
                                  write_config)
 from common.quantization import read_config as _read_config
 
@@ -344,26 +344,3 @@ def _model_module(kind: str):
     # Imported here: the model modules import this one.
     return importlib.import_module(f"torch_ocr.{get_family(kind).module}")
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m torch_ocr.quantize MODEL_DIR OUTPUT_DIR --bits 4`: write a converted snapshot, print the sizes."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write a pre-quantized torch snapshot of an original checkpoint.")
-    parser.add_argument("model_dir", type=Path)
-    parser.add_argument("output_dir", type=Path)
-    parser.add_argument("--bits", type=int, choices=BITS, default=4)
-    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
-    parser.add_argument("--vision", action="store_true", help="also quantize the vision towers and projector")
-    args = parser.parse_args(argv)
-    try:
-        sizes = convert(args.model_dir, args.output_dir, args.bits, args.group_size, vision=args.vision)
-    except UserError as exc:
-        print(f"error: {exc}")
-        return 2
-    print(f"weights {sizes['before'] / 2**20:.1f} MiB -> {sizes['after'] / 2**20:.1f} MiB in {args.output_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
