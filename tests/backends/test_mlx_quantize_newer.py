@@ -7,21 +7,18 @@ size 32 divides every decoder width of the tiny snapshots.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 mx = pytest.importorskip("mlx.core")
 
-from common import deepseek_ocr2, glm_ocr, paddleocr_vl  # noqa: E402
-from common.tokenizer import Tokenizer  # noqa: E402
 from mlx_ocr import deepseek_ocr2 as md2  # noqa: E402
 from mlx_ocr import glm_ocr as mg  # noqa: E402
 from mlx_ocr import paddleocr_vl as mp  # noqa: E402
 from mlx_ocr import quantize as q  # noqa: E402
+from tests.backends.quant_inputs import prompt_inputs  # noqa: E402
 from tests.backends.test_mlx_quantize import _greedy, _quantized_paths  # noqa: E402
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
@@ -31,31 +28,13 @@ EOS = {"deepseek-ocr-2": (1,), "glm-ocr": (59246, 59253), "paddleocr-vl-1.5": (2
 FIXTURES = {"deepseek-ocr-2": "deepseek2_tiny", "glm-ocr": "glm_tiny", "paddleocr-vl-1.5": "paddle15_tiny"}
 
 
-def _page() -> Image.Image:
-    image = Image.new("RGB", (180, 120), (250, 250, 250))
-    image.paste((20, 20, 20), (20, 40, 160, 46))
-    image.paste((120, 60, 60), (30, 70, 90, 110))
-    return image
-
-
-def _inputs(kind: str, snapshot: Path):
-    tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json")
-    if kind == "deepseek-ocr-2":
-        return deepseek_ocr2.build_inputs("<image>\nFree OCR.", [_page()], tokenizer)
-    pre = json.loads((snapshot / "preprocessor_config.json").read_text())
-    template = paddleocr_vl.load_chat_template(snapshot)
-    if kind == "glm-ocr":
-        return glm_ocr.build_inputs("Text Recognition:", [_page()], tokenizer, template, pre)
-    return paddleocr_vl.build_inputs("OCR:", [_page()], tokenizer, template, pre)
-
-
 class Case:
     """One model: its module, snapshot, inputs and float32 reference, built once."""
 
     def __init__(self, kind: str, snapshot: Path) -> None:
         mx.set_default_device(mx.cpu)
         self.kind, self.snapshot, self.module = kind, snapshot, MODULES[kind]
-        self.inputs = _inputs(kind, snapshot)
+        self.inputs = prompt_inputs(kind, snapshot)
         self.float = self.load()
         self.float_logits, self.float_ids = _greedy(self.float, self.inputs, EOS[kind])
 

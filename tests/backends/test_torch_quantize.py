@@ -15,15 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common import deepseek_ocr as cd
-from common import deepseek_ocr2, glm_ocr, paddleocr_vl
 from common.errors import CheckpointError, UserError
-from common.tokenizer import Tokenizer
 from torch_ocr import deepseek_ocr, deepseek_ocr2 as td2, glm_ocr as tg, paddleocr_vl as tp
+from tests.backends.quant_inputs import prompt_inputs
 from torch_ocr import quantize as q
 
 STEPS = 8
@@ -99,27 +96,6 @@ def test_shapes_the_kernels_cannot_take_are_named() -> None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def _page() -> Image.Image:
-    image = Image.new("RGB", (180, 120), (250, 250, 250))
-    image.paste((20, 20, 20), (20, 40, 160, 46))
-    image.paste((120, 60, 60), (30, 70, 90, 110))
-    return image
-
-
-def _inputs(kind: str, snapshot: Path):
-    if kind == "deepseek-ocr":
-        tok = Tokenizer.from_files(snapshot / "tokenizer.json", snapshot / "tokenizer_config.json")
-        return cd.build_inputs("<image>\nFree OCR.", [_page()], tok, base_size=512, image_size=512, crop_mode=False)
-    tokenizer = Tokenizer.from_files(snapshot / "tokenizer.json")
-    if kind == "deepseek-ocr-2":
-        return deepseek_ocr2.build_inputs("<image>\nFree OCR.", [_page()], tokenizer)
-    pre = json.loads((snapshot / "preprocessor_config.json").read_text())
-    template = paddleocr_vl.load_chat_template(snapshot)
-    if kind == "glm-ocr":
-        return glm_ocr.build_inputs("Text Recognition:", [_page()], tokenizer, template, pre)
-    return paddleocr_vl.build_inputs("OCR:", [_page()], tokenizer, template, pre)
-
-
 def _greedy(model, inputs, eos: tuple[int, ...]) -> tuple[np.ndarray, list[int]]:
     cache = model.make_cache(1, len(inputs.input_ids) + STEPS)
     logits = model.prefill(inputs, model.encode_images(inputs), cache)
@@ -138,7 +114,7 @@ class Case:
 
     def __init__(self, kind: str, snapshot: Path) -> None:
         self.kind, self.snapshot, self.module = kind, snapshot, MODULES[kind]
-        self.inputs = _inputs(kind, snapshot)
+        self.inputs = prompt_inputs(kind, snapshot)
         self.float = self.load()
         self.float_logits, self.float_ids = _greedy(self.float, self.inputs, EOS[kind])
 
